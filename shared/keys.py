@@ -1,0 +1,98 @@
+"""Every Redis key and queue name zfarm uses, built in one place.
+
+Ids reaching these functions have passed `schema.check_id`, so no key can be forged through a
+batch name or a worker name.
+"""
+from __future__ import annotations
+
+PREFIX = "zfarm"
+
+# Per batch
+def batch_meta(batch_id: str) -> str:
+    """hash: name, priority, total, created_at, finished_at, webhook, storage_url, ..."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_counts(batch_id: str) -> str:
+    """hash: queued, running, done, failed, cancelled, and queued:<tier> per size tier."""
+    return f"{PREFIX}:batch:{batch_id}:counts"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """hash: index -> job wire JSON, kept so failed jobs can be retried and results listed."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_states(batch_id: str) -> str:
+    """hash: index -> running|done|failed|cancelled (absent means queued)."""
+    return f"{PREFIX}:batch:{batch_id}:states"
+
+
+def batch_failures(batch_id: str) -> str:
+    """hash: index -> reason JSON of each failed job."""
+    return f"{PREFIX}:batch:{batch_id}:failures"
+
+
+def batch_running(batch_id: str) -> str:
+    """hash: index -> worker name currently rendering it."""
+    return f"{PREFIX}:batch:{batch_id}:running"
+
+
+def batch_attempts(batch_id: str) -> str:
+    """hash: index -> how many times a worker started it (a job that kills workers stops somewhere)."""
+    return f"{PREFIX}:batch:{batch_id}:attempts"
+
+
+BATCHES = f"{PREFIX}:batches"  # zset: batch_id -> created_at
+ACTIVE_BATCHES = f"{PREFIX}:batches:active"  # set of batch ids not yet finished
+FINISHED_EVENTS = f"{PREFIX}:events:finished"  # list of finished batch ids (webhooks)
+REJECTED = f"{PREFIX}:rejected"  # list of JSON records: messages that named no valid job
+REJECTED_MAX = 10_000
+LANE_CURSOR = f"{PREFIX}:lane-cursor"  # counter: breaks ties between empty lanes for concurrent submits
+
+
+def idempotency(key: str) -> str:
+    return f"{PREFIX}:idem:{key}"
+
+
+# Worker registry
+WORKERS = f"{PREFIX}:workers"  # set of worker names that registered
+
+
+def worker(name: str) -> str:
+    """hash with a TTL refreshed by the heartbeat: the worker's registration."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def worker_stats(name: str) -> str:
+    """hash without TTL: jobs_done, jobs_failed, s_per_image moving average."""
+    return f"{PREFIX}:worker:{name}:stats"
+
+
+SWEEP_LOCK = f"{PREFIX}:lock:sweep"
+
+# Celery/kombu's own keys (kombu.transport.redis defaults), read by the dead-worker sweep.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+# Queues
+QUEUE_PREFIX = "zfarm"
+SHARED_TIER = "any"
+
+
+def queue(priority: str, tier: str, lane: int) -> str:
+    """Celery queue (a Redis list) for jobs of one priority, size tier and lane.
+
+    tier "any" holds jobs every class can render; tier "c24" holds jobs that need the 24 GB
+    class or larger. Lanes let concurrent batches of one priority take turns.
+    """
+    return f"{QUEUE_PREFIX}.{priority}.{tier}.{lane}"
+
+
+def parse_queue(name: str):
+    """(priority, tier, lane) of a zfarm queue name, or None for any other queue."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != QUEUE_PREFIX or not parts[3].isdigit():
+        return None
+    return parts[1], parts[2], int(parts[3])

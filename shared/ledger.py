@@ -1,0 +1,277 @@
+"""The batch ledger: the one owner of job accounting in Redis.
+
+Each transition is one atomic step (a MULTI/EXEC or a Lua script), so the counts always add up:
+total = queued + running + done + failed + cancelled. A job's state hash entry makes every
+transition idempotent: a message delivered twice (after a crash) is rendered again at most, and
+counted once.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from shared import keys
+from shared.schema import Job, check_id
+from shared.wire import render_message
+
+FINAL_STATES = ("done", "failed", "cancelled")
+# A job is started at most this many times: a prompt that kills every worker it reaches fails
+# instead of going round forever.
+MAX_ATTEMPTS = 5
+COUNT_FIELDS = ("queued", "running", "done", "failed", "cancelled")
+
+# KEYS: counts, states, running, meta, attempts, jobs   ARGV: index, worker, tier, max_attempts
+_START = """
+local st = redis.call('HGET', KEYS[2], ARGV[1])
+if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
+if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 0 then return 'unknown' end
+if not st and redis.call('HGET', KEYS[4], 'cancelled') == '1' then return 'cancelled' end
+if redis.call('HINCRBY', KEYS[5], ARGV[1], 1) > tonumber(ARGV[4]) then return 'exhausted' end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+if st == 'running' then return 'run' end
+redis.call('HSET', KEYS[2], ARGV[1], 'running')
+redis.call('HINCRBY', KEYS[1], 'queued', -1)
+redis.call('HINCRBY', KEYS[1], 'queued:' .. ARGV[3], -1)
+redis.call('HINCRBY', KEYS[1], 'running', 1)
+return 'run'
+"""
+
+_COMPLETE_IF_DONE = """
+local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled')
+local finished = tonumber(c[2] or 0) + tonumber(c[3] or 0) + tonumber(c[4] or 0)
+if c[1] and finished >= tonumber(c[1]) and redis.call('HEXISTS', KEYS[5], 'finished_at') == 0 then
+  redis.call('HSET', KEYS[5], 'finished_at', ARGV[4])
+  redis.call('SREM', KEYS[6], ARGV[5])
+  redis.call('RPUSH', KEYS[7], ARGV[5])
+end
+"""
+
+# KEYS: counts, states, running, failures, meta, active, finished-events, jobs
+# ARGV: index, outcome, reason, now, batch_id, tier
+_FINISH = """
+local st = redis.call('HGET', KEYS[2], ARGV[1])
+if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
+if redis.call('HEXISTS', KEYS[8], ARGV[1]) == 0 then return -1 end
+if st == 'running' then
+  redis.call('HINCRBY', KEYS[1], 'running', -1)
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  if redis.call('HGET', KEYS[5], 'cancelled') == '1' then return 0 end
+  redis.call('HINCRBY', KEYS[1], 'queued', -1)
+  redis.call('HINCRBY', KEYS[1], 'queued:' .. ARGV[6], -1)
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+if ARGV[2] == 'failed' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[3]) end
+""" + _COMPLETE_IF_DONE + """
+return 1
+"""
+
+# KEYS: counts, states, running, failures, meta, active, finished-events   ARGV: -, -, -, now, batch_id
+_CANCEL = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
+if redis.call('HGET', KEYS[5], 'cancelled') == '1' then return 0 end
+redis.call('HSET', KEYS[5], 'cancelled', '1')
+local queued = tonumber(redis.call('HGET', KEYS[1], 'queued') or 0)
+redis.call('HINCRBY', KEYS[1], 'cancelled', queued)
+redis.call('HSET', KEYS[1], 'queued', 0)
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 7) == 'queued:' then redis.call('HSET', KEYS[1], f, 0) end
+end
+""" + _COMPLETE_IF_DONE + """
+return queued
+"""
+
+
+class LedgerError(RuntimeError):
+    """Raised when a batch is unknown or a transition is impossible."""
+
+
+def _batch_keys(batch_id: str) -> list[str]:
+    return [keys.batch_counts(batch_id), keys.batch_states(batch_id), keys.batch_running(batch_id),
+            keys.batch_failures(batch_id), keys.batch_meta(batch_id), keys.ACTIVE_BATCHES,
+            keys.FINISHED_EVENTS]
+
+
+class Ledger:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+
+    # Producer side
+    def create_batch(self, batch_id: str, meta: dict, jobs: list[Job], queued: list[tuple[str, str]],
+                     idempotency_key: str = "") -> tuple[str, bool]:
+        """Store a batch and queue its messages in one transaction: all or nothing.
+
+        `queued` holds (queue, message) pairs. Returns (batch_id, created); with an idempotency
+        key already used, returns the earlier batch's id and False."""
+        check_id(batch_id)
+        tiers: dict[str, int] = {}
+        for job in jobs:
+            tiers[job.tier] = tiers.get(job.tier, 0) + 1
+        counts = {"total": len(jobs), "queued": len(jobs), "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+        counts.update({f"queued:{tier}": n for tier, n in tiers.items()})
+        idem_key = keys.idempotency(idempotency_key) if idempotency_key else None
+        by_queue: dict[str, list[str]] = {}
+        for queue, message in queued:
+            by_queue.setdefault(queue, []).append(message)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    if idem_key:
+                        pipe.watch(idem_key)
+                        earlier = pipe.get(idem_key)
+                        if earlier:
+                            pipe.reset()
+                            return earlier.decode(), False
+                        pipe.multi()
+                    pipe.hset(keys.batch_meta(batch_id), mapping={k: _text(v) for k, v in meta.items()})
+                    pipe.hset(keys.batch_counts(batch_id), mapping=counts)
+                    chunk = 2000
+                    for start in range(0, len(jobs), chunk):
+                        pipe.hset(keys.batch_jobs(batch_id), mapping={
+                            j.index: json.dumps(j.to_wire(), separators=(",", ":")) for j in jobs[start:start + chunk]})
+                    pipe.zadd(keys.BATCHES, {batch_id: float(meta.get("created_at", time.time()))})
+                    pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
+                    for queue, messages in by_queue.items():
+                        for start in range(0, len(messages), chunk):
+                            pipe.lpush(queue, *messages[start:start + chunk])
+                    if idem_key:
+                        pipe.set(idem_key, batch_id)
+                    pipe.execute()
+                    return batch_id, True
+                except redis.WatchError:
+                    continue
+
+    def cancel(self, batch_id: str) -> int:
+        """Mark every job not yet started as cancelled; returns how many. Workers skip them."""
+        n = self._cancel(keys=_batch_keys(check_id(batch_id)), args=["", "", "", time.time(), batch_id])
+        if n == -1:
+            raise LedgerError(f"no batch {batch_id}")
+        return int(n)
+
+    def requeue_failed(self, batch_id: str, queue_for, time_limit_for) -> int:
+        """Queue the failed jobs of a batch again, and only those. Returns how many."""
+        check_id(batch_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(keys.batch_failures(batch_id), keys.batch_states(batch_id))
+                    if not pipe.exists(keys.batch_meta(batch_id)):
+                        raise LedgerError(f"no batch {batch_id}")
+                    failed = [int(i) for i in pipe.hkeys(keys.batch_failures(batch_id))]
+                    if not failed:
+                        pipe.reset()
+                        return 0
+                    raw_jobs = pipe.hmget(keys.batch_jobs(batch_id), failed)
+                    attempt = int(pipe.hget(keys.batch_meta(batch_id), "retries") or 0) + 1
+                    pipe.multi()
+                    tiers: dict[str, int] = {}
+                    for index, raw in zip(failed, raw_jobs):
+                        job = Job.from_wire(json.loads(raw))
+                        tiers[job.tier] = tiers.get(job.tier, 0) + 1
+                        pipe.lpush(queue_for(job), render_message(
+                            job.to_wire(), f"{job.id}-r{attempt}", queue_for(job), time_limit_for(job)))
+                    pipe.hdel(keys.batch_states(batch_id), *failed)
+                    pipe.hdel(keys.batch_attempts(batch_id), *failed)
+                    pipe.delete(keys.batch_failures(batch_id))
+                    pipe.hincrby(keys.batch_counts(batch_id), "failed", -len(failed))
+                    pipe.hincrby(keys.batch_counts(batch_id), "queued", len(failed))
+                    for tier, n in tiers.items():
+                        pipe.hincrby(keys.batch_counts(batch_id), f"queued:{tier}", n)
+                    pipe.hset(keys.batch_meta(batch_id), "retries", attempt)
+                    pipe.hdel(keys.batch_meta(batch_id), "finished_at")
+                    pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
+                    pipe.execute()
+                    return len(failed)
+                except redis.WatchError:
+                    continue
+
+    def status(self, batch_id: str) -> dict:
+        """Counts, metadata and failure reasons in one round trip, whatever the batch size."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.queue_status(pipe, batch_id)
+            return self.parse_status(batch_id, pipe.execute())
+
+    @staticmethod
+    def queue_status(pipe, batch_id: str) -> None:
+        """Queue the status reads on `pipe`, so a caller can add its own reads to the same round trip."""
+        check_id(batch_id)
+        pipe.hgetall(keys.batch_meta(batch_id))
+        pipe.hgetall(keys.batch_counts(batch_id))
+        pipe.hgetall(keys.batch_failures(batch_id))
+
+    @staticmethod
+    def parse_status(batch_id: str, replies: list) -> dict:
+        """The status dict from the first three replies of a pipeline filled by `queue_status`."""
+        meta, counts, failures = replies[:3]
+        if not meta:
+            raise LedgerError(f"no batch {batch_id}")
+        meta = {k.decode(): v.decode() for k, v in meta.items()}
+        counts = {k.decode(): int(v) for k, v in counts.items()}
+        out = {"batch_id": batch_id, "name": meta.get("name", ""), "priority": meta.get("priority", "normal"),
+               "total": counts.get("total", 0)}
+        out.update({f: counts.get(f, 0) for f in COUNT_FIELDS})
+        out["queued_by_tier"] = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("queued:") and v}
+        out["failures"] = sorted(({"index": int(i), **json.loads(r)} for i, r in failures.items()),
+                                 key=lambda f: f["index"])
+        out["created_at"] = float(meta.get("created_at", 0))
+        out["finished_at"] = float(meta["finished_at"]) if meta.get("finished_at") else None
+        out["cancelled_batch"] = meta.get("cancelled") == "1"
+        out["meta"] = meta
+        return out
+
+    def jobs(self, batch_id: str) -> dict[int, dict]:
+        raw = self.redis.hgetall(keys.batch_jobs(check_id(batch_id)))
+        return {int(i): json.loads(v) for i, v in raw.items()}
+
+    def states(self, batch_id: str) -> dict[int, str]:
+        raw = self.redis.hgetall(keys.batch_states(check_id(batch_id)))
+        return {int(i): v.decode() for i, v in raw.items()}
+
+    # Worker side
+    def start(self, job: Job, worker: str, max_attempts: int = MAX_ATTEMPTS) -> str:
+        """'run' to render; 'done'/'failed'/'cancelled' to skip; 'unknown' for a job not on record;
+        'exhausted' when the job was started `max_attempts` times already."""
+        result = self._start(keys=_batch_keys(job.batch_id)[:3] + [keys.batch_meta(job.batch_id),
+                                                                    keys.batch_attempts(job.batch_id),
+                                                                    keys.batch_jobs(job.batch_id)],
+                             args=[job.index, worker, job.tier, max_attempts])
+        return result.decode() if isinstance(result, bytes) else result
+
+    def finish(self, job_batch_id: str, index: int, outcome: str, reason: dict | None = None,
+               tier: str = "any") -> bool:
+        """Record a job's final outcome once. Returns False if it was already final."""
+        if outcome not in ("done", "failed"):
+            raise LedgerError(f"bad outcome {outcome}")
+        reason_json = json.dumps(reason or {}, separators=(",", ":"))
+        n = self._finish(keys=_batch_keys(job_batch_id) + [keys.batch_jobs(job_batch_id)],
+                         args=[index, outcome, reason_json, time.time(), job_batch_id, tier])
+        if n == -1:
+            raise LedgerError(f"no job {index} in batch {job_batch_id}")
+        return n == 1
+
+    def running_jobs(self, batch_id: str) -> dict[int, str]:
+        raw = self.redis.hgetall(keys.batch_running(check_id(batch_id)))
+        return {int(i): w.decode() for i, w in raw.items()}
+
+    def reject(self, reason: str, detail: dict) -> None:
+        """Record a message that names no valid job, so it is failed visibly, not dropped."""
+        record = json.dumps({"at": time.time(), "reason": reason, **detail}, separators=(",", ":"), default=str)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.REJECTED, record)
+            pipe.ltrim(keys.REJECTED, 0, keys.REJECTED_MAX - 1)
+            pipe.execute()
+
+    def rejected(self, limit: int = 100) -> list[dict]:
+        return [json.loads(r) for r in self.redis.lrange(keys.REJECTED, 0, limit - 1)]
+
+
+def _text(value) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)

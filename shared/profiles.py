@@ -1,0 +1,214 @@
+"""VRAM classes, the measured profile table, and the chooser that reads it.
+
+No torch here: the producer uses the table for routing (`max_pixels` per class) and
+`zfarm profiles` prints it. How a profile is applied to a pipeline lives in `worker.offload`.
+
+The table is `bench/results/profile_table.json` (shipped in the package as
+`shared/profile_table.json`); the benchmark `bench/profiles.py` writes it. Each run records one
+profile measured under one allocator cap on a GPU. A profile is chosen for a class only from a run
+that completed under a cap no larger than the class's cap with peak reserved VRAM at least
+`HEADROOM_GIB` below it, and whose host RSS fits the machine: never from folklore.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# VRAM classes in GB, and the allocator cap (GiB) a card of that class can use: the card's total
+# less the CUDA context and driver reservations. The benchmark measures under these caps.
+CLASS_CAPS_GIB = {8: 7.0, 12: 11.0, 16: 15.0, 24: 23.0, 48: 47.0, 80: 79.0}
+GPU_CLASSES = tuple(sorted(CLASS_CAPS_GIB))
+CPU_CLASS = "cpu"
+HEADROOM_GIB = 0.5
+# Host memory the OS, Python and the worker need beside the profile's own RSS.
+HOST_RESERVE_GIB = 2.0
+CPU_MAX_PIXELS = 2048 * 2048
+# Pixels of the reference job the table's speeds are measured on (1024x1024, 8 steps).
+REFERENCE_PIXELS = 1024 * 1024
+REFERENCE_STEPS = 8
+
+TABLE_ENV = "ZFARM_PROFILE_TABLE"
+_PACKAGED_TABLE = Path(__file__).with_name("profile_table.json")
+
+
+class ProfileError(ValueError):
+    """Raised when no measured profile fits the requested class and host."""
+
+
+def class_for_vram(total_gib: float) -> int | None:
+    """The largest class whose cap the card's memory reaches, or None below the smallest."""
+    usable_gib = total_gib - 0.75
+    reached = [c for c, cap in CLASS_CAPS_GIB.items() if usable_gib >= cap]
+    return max(reached) if reached else None
+
+
+def class_for_override(vram_gb: float) -> int:
+    """--vram-gb N plays a card of N GB: the class whose cap fits N - 1 GiB usable."""
+    reached = [c for c, cap in CLASS_CAPS_GIB.items() if vram_gb - 1.0 >= cap - 1e-9]
+    if not reached:
+        raise ProfileError(f"--vram-gb {vram_gb:g} is below the smallest class ({min(CLASS_CAPS_GIB)} GB)")
+    return max(reached)
+
+
+def class_label(vram_class) -> str:
+    return CPU_CLASS if vram_class == CPU_CLASS else f"{vram_class}g"
+
+
+@dataclass(frozen=True)
+class Choice:
+    vram_class: object  # int GB class, or "cpu"
+    profile: str
+    s_per_image: float | None
+    peak_reserved_gib: float | None
+    host_rss_gib: float | None
+    max_pixels: int
+    cap_gib: float | None
+    measured_cap_gib: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_table(path: str | os.PathLike | None = None) -> dict:
+    path = Path(path or os.environ.get(TABLE_ENV) or _PACKAGED_TABLE)
+    if not path.exists():
+        return {"runs": [], "profiles": {}, "measured": {}, "source": str(path)}
+    table = json.loads(path.read_text())
+    table.setdefault("source", str(path))
+    return table
+
+
+def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
+    if not run.get("ok") or run.get("s_per_image") is None or run.get("peak_reserved_gib") is None:
+        return False
+    run_cap = run.get("cap_gib")
+    if run_cap is not None and run_cap > cap_gib:
+        return False
+    if run["peak_reserved_gib"] > cap_gib - HEADROOM_GIB:
+        return False
+    if ram_gib is not None and run.get("host_rss_gib") is not None:
+        if run["host_rss_gib"] > ram_gib - HOST_RESERVE_GIB:
+            return False
+    return True
+
+
+def candidates(table: dict, vram_class, ram_gib: float | None = None) -> list[Choice]:
+    """Every measured profile that fits the class and host, fastest first."""
+    if vram_class == CPU_CLASS:
+        return [_cpu_choice(table)]
+    cap = CLASS_CAPS_GIB[vram_class]
+    runs = [r for r in table.get("runs", []) if r.get("profile") != CPU_CLASS and _fits(r, cap, ram_gib)]
+    runs.sort(key=lambda r: (r["s_per_image"], -(r.get("max_pixels") or 0)))
+    seen, out = set(), []
+    for run in runs:
+        if run["profile"] in seen:
+            continue
+        seen.add(run["profile"])
+        out.append(Choice(vram_class=vram_class, profile=run["profile"], s_per_image=run["s_per_image"],
+                          peak_reserved_gib=run["peak_reserved_gib"], host_rss_gib=run.get("host_rss_gib"),
+                          max_pixels=int(run.get("max_pixels") or REFERENCE_PIXELS), cap_gib=cap,
+                          measured_cap_gib=run.get("cap_gib")))
+    return out
+
+
+def _cpu_choice(table: dict) -> Choice:
+    run = next((r for r in table.get("runs", []) if r.get("profile") == CPU_CLASS and r.get("ok")), {})
+    return Choice(vram_class=CPU_CLASS, profile=CPU_CLASS, s_per_image=run.get("s_per_image"),
+                  peak_reserved_gib=None, host_rss_gib=run.get("host_rss_gib"),
+                  max_pixels=CPU_MAX_PIXELS, cap_gib=None)
+
+
+def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = "") -> Choice:
+    """The fastest fitting profile, or the forced one (measured or not, on the user's word)."""
+    if forced:
+        if vram_class == CPU_CLASS or forced == CPU_CLASS:
+            return Choice(vram_class, forced, None, None, None, CPU_MAX_PIXELS, None)
+        for choice in candidates(table, vram_class, ram_gib=None):
+            if choice.profile == forced:
+                return choice
+        return Choice(vram_class, forced, None, None, None, REFERENCE_PIXELS, CLASS_CAPS_GIB[vram_class])
+    found = candidates(table, vram_class, ram_gib)
+    if not found:
+        raise ProfileError(
+            f"no measured profile fits class {class_label(vram_class)} "
+            f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}; "
+            "measure one with bench/profiles.py or force one with --profile")
+    return found[0]
+
+
+def step_down(table: dict, vram_class, current: str, ram_gib: float | None = None) -> Choice | None:
+    """The next profile after `current` that needs less peak VRAM, for an out-of-memory retry."""
+    found = candidates(table, vram_class, ram_gib)
+    current_peak = next((c.peak_reserved_gib for c in found if c.profile == current), None)
+    lower = [c for c in found if c.profile != current
+             and (current_peak is None or (c.peak_reserved_gib or 0) < current_peak)]
+    lower.sort(key=lambda c: (c.s_per_image, c.peak_reserved_gib or 0))
+    return lower[0] if lower else None
+
+
+def class_table(table: dict, ram_gib: float | None = None) -> list[dict]:
+    """One row per class: the profile the chooser would take there (or why none)."""
+    rows = []
+    for vram_class in GPU_CLASSES:
+        try:
+            rows.append(choose(table, vram_class, ram_gib).to_dict())
+        except ProfileError as exc:
+            rows.append({"vram_class": vram_class, "profile": None, "s_per_image": None,
+                         "peak_reserved_gib": None, "host_rss_gib": None, "max_pixels": 0,
+                         "cap_gib": CLASS_CAPS_GIB[vram_class], "error": str(exc)})
+    rows.append(_cpu_choice(table).to_dict())
+    return rows
+
+
+def max_pixels_by_class(table: dict) -> dict:
+    return {row["vram_class"]: row["max_pixels"] for row in class_table(table) if row.get("profile")}
+
+
+def tier_for_pixels(pixels: int, max_pixels: dict) -> str:
+    """The queue tier of a job: "any" when every GPU class renders it, else "c<N>" for the smallest
+    class that can, or "c0" when no class on record can (it waits for a capable worker)."""
+    gpu = {c: px for c, px in max_pixels.items() if c != CPU_CLASS}
+    if not gpu or pixels <= min(gpu.values()):
+        return "any"
+    able = sorted(c for c, px in gpu.items() if px >= pixels)
+    return f"c{able[0]}" if able else "c0"
+
+
+def tiers_served(worker_max_pixels: int, max_pixels: dict) -> list[str]:
+    """Tiers a worker can take every job of, largest jobs first, the shared tier last."""
+    gpu = {c: px for c, px in max_pixels.items() if c != CPU_CLASS}
+    smallest = min(gpu.values()) if gpu else 0
+    tiers = [f"c{c}" for c in sorted(gpu, reverse=True) if smallest < gpu[c] <= worker_max_pixels]
+    if worker_max_pixels >= CPU_MAX_PIXELS:
+        tiers.insert(0, "c0")
+    return tiers + ["any"]
+
+
+# A job's hard time limit comes from the slowest class's measured speed, scaled to the job's size
+# and steps, times a margin, plus a floor for VAE decode, upload and the first call's warm-up.
+TIME_LIMIT_FLOOR_S = 120.0
+# When nothing is measured yet, assume the common slow recipe (model CPU offload, ~18 s/img).
+UNMEASURED_S_PER_IMAGE = 20.0
+
+
+def work_units(pixels: int, steps: int) -> float:
+    """A job's work relative to the reference 1024x1024 8-step image (linear in pixels and steps)."""
+    return (pixels / REFERENCE_PIXELS) * (steps / REFERENCE_STEPS)
+
+
+def slowest_s_per_image(table: dict) -> float:
+    speeds = [row["s_per_image"] for row in class_table(table) if row.get("profile") and row.get("s_per_image")]
+    return max(speeds) if speeds else UNMEASURED_S_PER_IMAGE
+
+
+def job_time_limit_s(pixels: int, steps: int, table: dict, margin: float) -> float:
+    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image(table) * work_units(pixels, steps), 1)
+
+
+def visibility_timeout_s(table: dict, margin: float) -> float:
+    """Longer than the longest job any worker may run, so a healthy job is never delivered twice."""
+    from shared.schema import SIDE_MAX_PX, STEPS_MAX
+
+    return job_time_limit_s(SIDE_MAX_PX * SIDE_MAX_PX, STEPS_MAX, table, margin) + 60.0

@@ -1,0 +1,117 @@
+"""Every setting zfarm reads, from the environment, with its documented default.
+
+One object owns configuration: `Settings.from_env()`. CLI flags override fields with
+`settings.replace(...)`; nothing else reads `os.environ` for zfarm settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+
+
+def _env_field(env: str, default, doc: str, kind=str):
+    return field(default=default, metadata={"env": env, "doc": doc, "kind": kind})
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+class SettingsError(ValueError):
+    """Raised when an environment variable holds a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = _env_field(
+        "ZFARM_REDIS_URL", "redis://localhost:6379/0",
+        "Broker and state store for jobs, batches and the worker registry.")
+    storage_url: str = _env_field(
+        "ZFARM_STORAGE_URL", "file://./zfarm-results",
+        "Where results land: s3://bucket/prefix or file:///abs/dir.")
+    s3_endpoint_url: str = _env_field(
+        "ZFARM_S3_ENDPOINT_URL", "",
+        "Endpoint of an S3-compatible store (MinIO, R2); empty means AWS S3. "
+        "Credentials come from the standard AWS_* variables.")
+    model: str = _env_field(
+        "ZFARM_MODEL", DEFAULT_MODEL,
+        "Hugging Face id, modelscope:<id>, or a local folder holding a ZImagePipeline.")
+    model_cache_dir: str = _env_field(
+        "ZFARM_MODEL_CACHE", "",
+        "Download cache for model weights; empty means the hub libraries' default.")
+    worker_name: str = _env_field(
+        "ZFARM_WORKER_NAME", "", "Worker name in the registry; empty means <class>@<host>.")
+    vram_gb: float = _env_field(
+        "ZFARM_VRAM_GB", 0.0,
+        "Override the detected VRAM (GiB). On a GPU it also caps the allocator; 0 detects.", float)
+    profile: str = _env_field(
+        "ZFARM_PROFILE", "", "Force a memory/offload profile by name; empty lets the chooser pick.")
+    ram_gb: float = _env_field(
+        "ZFARM_RAM_GB", 0.0, "Override the detected host RAM (GiB) for the profile choice; 0 detects.",
+        float)
+    simulate_s: float = _env_field(
+        "ZFARM_SIMULATE_S", -1.0,
+        "Seconds per 1024x1024 8-step image for the simulated renderer; negative means real rendering.",
+        float)
+    device: str = _env_field(
+        "ZFARM_DEVICE", "", "Force the torch device (cuda or cpu); empty picks cuda when present.")
+    heartbeat_s: float = _env_field(
+        "ZFARM_HEARTBEAT_S", 5.0, "Seconds between registry heartbeats.", float)
+    registry_ttl_s: float = _env_field(
+        "ZFARM_REGISTRY_TTL_S", 15.0,
+        "A worker whose heartbeat is older than this is dead: its entry expires and its "
+        "in-flight job is handed back.", float)
+    shutdown_grace_s: float = _env_field(
+        "ZFARM_SHUTDOWN_GRACE_S", 20.0,
+        "On SIGTERM, how long the job in progress may run on before it is handed back.", float)
+    upload_retry_s: float = _env_field(
+        "ZFARM_UPLOAD_RETRY_S", 120.0,
+        "How long uploads retry with backoff before the job fails.", float)
+    lanes: int = _env_field(
+        "ZFARM_LANES", 4,
+        "Queues per priority and size tier; batches are spread over them so that concurrent "
+        "batches take turns.", int)
+    job_margin: float = _env_field(
+        "ZFARM_JOB_MARGIN", 3.0,
+        "Safety factor on the slowest measured speed when deriving job time limits.", float)
+    webhook_timeout_s: float = _env_field(
+        "ZFARM_WEBHOOK_TIMEOUT_S", 10.0, "Timeout of one webhook call.", float)
+    metrics_port: int = _env_field(
+        "ZFARM_METRICS_PORT", 0, "Port for the worker's Prometheus metrics; 0 turns them off.", int)
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            env = f.metadata["env"]
+            if env not in environ:
+                continue
+            raw = environ[env]
+            kind = f.metadata["kind"]
+            try:
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{env}={raw!r}: expected {kind.__name__} ({exc})") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **overrides) -> "Settings":
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulate_s >= 0
+
+
+def settings_reference() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for each setting: the docs' settings table."""
+    return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)]

@@ -1,0 +1,175 @@
+"""Real processes for the queue tests: redis-server, moto's S3 server, zfarm workers.
+
+Nothing here mocks the broker or boto3: every test that uses these talks to real servers over
+TCP, and workers are real `python -m worker` subprocesses.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class RedisServer:
+    """A private redis-server on a free port; AOF persistence on request (restart tests)."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run the README's test command, which installs it")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+
+        def pong():
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_for(pong, 10, what="redis-server to answer PING")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+class S3Server:
+    """moto's S3 server in this process (its data survives stop/start on the same port)."""
+
+    def __init__(self, bucket: str = "zfarm"):
+        self.port = free_port()
+        self.bucket = bucket
+        self.server = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "S3Server":
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def s3_env(s3: S3Server) -> dict:
+    return {"ZFARM_S3_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def base_env(redis_url: str, storage_url: str, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({"ZFARM_REDIS_URL": redis_url, "ZFARM_STORAGE_URL": storage_url, "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1", "ZFARM_HEARTBEAT_S": "1", "ZFARM_REGISTRY_TTL_S": "4",
+                "ZFARM_UPLOAD_RETRY_S": "30"})
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class WorkerProcess:
+    """`python -m worker ...` as a subprocess, its output in a log file."""
+
+    def __init__(self, env: dict, args: list[str], log_path: Path):
+        self.env, self.args, self.log_path = env, args, Path(log_path)
+        self.proc = None
+
+    def start(self) -> "WorkerProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", *self.args], env=self.env, cwd=REPO,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """kill -9 of the worker and its pool processes, as the OOM killer or a dead VM would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        return self.proc.returncode

@@ -1,0 +1,81 @@
+"""Renderers: the diffusers pipeline, or a simulated one for load tests. Both return PNG bytes.
+
+`make_renderer` is the only place that decides which renderer a worker runs. The diffusers one is
+imported lazily, so nothing here imports torch until a real render is asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from shared.profiles import work_units
+from shared.schema import JobSpec
+
+
+@dataclass
+class RenderResult:
+    png: bytes
+    render_s: float
+    # What made the image, for the sidecar: profile, gpu, peak_vram_gib, downgraded_from, simulated...
+    facts: dict = field(default_factory=dict)
+
+
+class OutOfMemory(RuntimeError):
+    """Raised by a renderer when a render ran out of device memory and no smaller profile is left."""
+
+
+def encode_png(image: Image.Image, spec: JobSpec, extra: dict) -> bytes:
+    """PNG with the generation parameters in text chunks, as other image tools write them."""
+    info = PngInfo()
+    info.add_text("parameters", (
+        f"{spec.prompt}\nNegative prompt: {spec.negative_prompt}\n"
+        f"Steps: {spec.steps}, CFG scale: {spec.guidance:g}, Seed: {spec.seed}, "
+        f"Size: {spec.width}x{spec.height}, Model: {extra.get('model', '')}"))
+    info.add_text("zfarm", json.dumps({**spec.to_dict(), **extra}, default=str))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+class SimulatedRenderer:
+    """Sleeps `s_per_image` per 1024x1024 8-step image (scaled by pixels and steps) and draws a small
+    deterministic picture. Never the default: every result it writes says `simulated`."""
+
+    def __init__(self, s_per_image: float, model: str = "simulated"):
+        self.s_per_image = s_per_image
+        self.model = model
+        self.profile = "simulated"
+
+    def load(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"renderer": "simulated", "profile": self.profile, "simulate_s": self.s_per_image}
+
+    def render(self, spec: JobSpec) -> RenderResult:
+        t0 = time.monotonic()
+        time.sleep(self.s_per_image * work_units(spec.pixels, spec.steps))
+        digest = hashlib.sha256(f"{spec.prompt}|{spec.seed}|{spec.width}x{spec.height}".encode()).digest()
+        # A small image keeps load tests cheap; its aspect matches the job's.
+        scale = max(spec.width, spec.height) / 64
+        size = (max(1, round(spec.width / scale)), max(1, round(spec.height / scale)))
+        image = Image.new("RGB", size, tuple(digest[:3]))
+        facts = {"simulated": True, "profile": self.profile, "model": self.model,
+                 "image_size": list(size)}
+        png = encode_png(image, spec, facts)
+        return RenderResult(png=png, render_s=time.monotonic() - t0, facts=facts)
+
+
+def make_renderer(settings, boot):
+    """The renderer this worker runs: simulated when asked for, else diffusers on `boot`'s device."""
+    if settings.simulated:
+        return SimulatedRenderer(settings.simulate_s)
+    from worker.diffusion import DiffusionRenderer
+
+    return DiffusionRenderer(settings, boot)
