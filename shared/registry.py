@@ -65,7 +65,9 @@ def _decode(raw: dict) -> dict:
     out = {}
     for k, v in raw.items():
         key, text = k.decode(), v.decode()
-        if key in _NUMERIC:
+        if key == "vram_class":
+            out[key] = int(text) if text.isdigit() else text
+        elif key in _NUMERIC:
             try:
                 out[key] = float(text) if "." in text or "e" in text else int(text)
             except ValueError:

@@ -18,8 +18,9 @@ from shared.redis_conn import connect
 from shared.settings import Settings
 
 NAME_FILE = Path("/tmp/zfarm-worker-name")
-# A health check must answer within Docker's timeout (10 s in our image), not ride out a restart.
-REDIS_RETRY_S = 4.0
+# A check must answer within the HEALTHCHECK timeout (15 s in our image), not ride out a Redis
+# restart: one retry, so at worst two 5 s connect timeouts.
+REDIS_RETRY_S = 2.0
 
 
 def write_name(name: str, path: Path = NAME_FILE) -> None:

@@ -1,0 +1,188 @@
+"""Memory/offload profiles: how a loaded ZImagePipeline is placed on a GPU, by name.
+
+Only diffusers' own mechanisms are used: `apply_group_offloading` (block level, CUDA streams),
+layerwise casting (float8_e4m3fn storage, bf16 compute), `compile_repeated_blocks` (regional
+compilation of the DiT blocks), VAE tiling, `enable_model_cpu_offload` and
+`enable_sequential_cpu_offload`. Which profile a card gets is decided from measurements
+(`shared.profiles`, table written by `bench/profiles.py`); this module only knows how to apply one.
+
+Each component has a placement:
+  gpu            resident in the load dtype (loaded straight onto the GPU, no host copy)
+  fp8            resident, weights stored as float8_e4m3fn and cast to bf16 layer by layer at call
+  stream         block-level group offload from pinned host memory, the next group copied on a side
+                 CUDA stream while the current one computes (a pinned second host copy is kept)
+  stream_lowmem  the same, pinning on the fly instead of keeping a pinned copy (less host RAM, slower)
+  fp8_stream     fp8 storage and streamed: half the bytes to copy and to pin
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
+# otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
+VAE_TILE_PX = 512
+PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream")
+COMPILE_MODES = ("", "fullgraph", "graph_breaks")
+RECIPES = ("", "model_offload", "sequential", "cpu")
+
+
+@dataclass(frozen=True)
+class Spec:
+    description: str
+    transformer: str = "gpu"
+    text_encoder: str = "gpu"
+    # "fullgraph": compile_repeated_blocks(fullgraph=True). "graph_breaks": fullgraph=False, for fp8
+    # layerwise casting, whose per-layer `module.to(dtype)` dynamo cannot trace: each cast Linear
+    # runs eagerly and the elementwise work between them (norms, RoPE, gating) is still fused.
+    compile: str = ""
+    vae_tiling: bool = False
+    recipe: str = ""            # a whole-pipeline recipe instead of per-component placement
+    blocks_per_group: int = 1   # blocks per group for streamed components
+    record_stream: bool = False
+    attention: str = ""         # diffusers attention backend name; "" keeps the default (SDPA)
+
+    def __post_init__(self):
+        for part in (self.transformer, self.text_encoder):
+            if part not in PLACEMENTS:
+                raise ValueError(f"unknown placement {part!r} (known: {', '.join(PLACEMENTS)})")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile!r}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}")
+
+
+SPECS: dict[str, Spec] = {
+    "resident": Spec("everything on the GPU in bf16"),
+    "resident_compiled": Spec("everything on the GPU in bf16, DiT blocks compiled (regional compilation)",
+                              compile="fullgraph"),
+    "te_fp8_resident": Spec("everything on the GPU; text encoder stored in fp8 (layerwise casting)",
+                            text_encoder="fp8"),
+    "te_fp8_resident_compiled": Spec("everything on the GPU; text encoder stored in fp8; DiT blocks compiled",
+                                     text_encoder="fp8", compile="fullgraph"),
+    "fp8_both_resident": Spec("everything on the GPU; DiT and text encoder stored in fp8; tiled VAE decode",
+                              transformer="fp8", text_encoder="fp8", vae_tiling=True),
+    "fp8_both_resident_compiled": Spec(
+        "everything on the GPU; DiT and text encoder stored in fp8; DiT blocks compiled around the casts; "
+        "tiled VAE decode", transformer="fp8", text_encoder="fp8", compile="graph_breaks", vae_tiling=True),
+    "te_stream": Spec("text encoder streamed from pinned host memory (group offload, CUDA stream); "
+                      "DiT and VAE resident; tiled VAE decode", text_encoder="stream", vae_tiling=True),
+    "te_stream_compiled": Spec("te_stream with the DiT blocks compiled", text_encoder="stream",
+                               compile="fullgraph", vae_tiling=True),
+    "te_fp8_stream_compiled": Spec("text encoder stored in fp8 and streamed; DiT resident in bf16 and compiled; "
+                                   "tiled VAE decode", text_encoder="fp8_stream", compile="fullgraph",
+                                   vae_tiling=True),
+    "te_stream_lowmem": Spec("te_stream pinning on the fly (no pinned host copy): less host RAM",
+                             text_encoder="stream_lowmem", vae_tiling=True),
+    "te_stream_fp8": Spec("text encoder streamed; DiT resident stored in fp8 (layerwise casting); tiled VAE decode",
+                          transformer="fp8", text_encoder="stream", vae_tiling=True),
+    "te_stream_fp8_compiled": Spec("te_stream_fp8 with the DiT blocks compiled around the casts",
+                                   transformer="fp8", text_encoder="stream", compile="graph_breaks",
+                                   vae_tiling=True),
+    "fp8_both_stream_compiled": Spec("text encoder fp8 and streamed; DiT resident in fp8, blocks compiled around "
+                                     "the casts; tiled VAE decode", transformer="fp8", text_encoder="fp8_stream",
+                                     compile="graph_breaks", vae_tiling=True),
+    "group_stream": Spec("DiT and text encoder streamed block by block (group offload, CUDA streams); VAE resident",
+                         transformer="stream", text_encoder="stream", vae_tiling=True),
+    "group_stream_lowmem": Spec("group_stream pinning on the fly (no pinned host copies): least host RAM",
+                                transformer="stream_lowmem", text_encoder="stream_lowmem", vae_tiling=True),
+    "group_stream_fp8": Spec("DiT and text encoder stored in fp8 and streamed block by block: half the bytes "
+                             "to copy and pin", transformer="fp8_stream", text_encoder="fp8_stream",
+                             vae_tiling=True),
+    "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
+                          "(the common recipe, for comparison)", recipe="model_offload"),
+    "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
+                       recipe="sequential"),
+    "cpu": Spec("float32 on the CPU, no GPU", recipe="cpu"),
+}
+
+PROFILES: dict[str, str] = {name: spec.description for name, spec in SPECS.items()}
+
+
+class ProfileError(ValueError):
+    """Raised for an unknown profile, or a GPU profile asked for on a machine without one."""
+
+
+def spec_for(name: str, overrides: dict | None = None) -> Spec:
+    try:
+        spec = SPECS[name]
+    except KeyError:
+        raise ProfileError(f"unknown profile {name!r} (known: {', '.join(SPECS)})") from None
+    return dataclasses.replace(spec, **overrides) if overrides else spec
+
+
+def gpu_components(name: str, overrides: dict | None = None) -> tuple[str, ...]:
+    """Components this profile keeps resident in the load dtype: they load straight onto the GPU."""
+    spec = spec_for(name, overrides)
+    if spec.recipe:
+        return ()
+    out = [part for part, placement in (("transformer", spec.transformer), ("text_encoder", spec.text_encoder))
+           if placement == "gpu"]
+    return tuple(out + ["vae"])
+
+
+def _device_type(device) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]
+
+
+def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
+    import torch
+    from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+
+    if placement in ("fp8", "fp8_stream"):
+        # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
+        apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                                skip_modules_pattern=_skip_patterns(module))
+    if placement in ("gpu", "fp8"):
+        module.to(device)
+        return
+    apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=spec.blocks_per_group,
+                           use_stream=True, record_stream=spec.record_stream,
+                           low_cpu_mem_usage=placement == "stream_lowmem")
+
+
+def _skip_patterns(module) -> tuple[str, ...]:
+    """diffusers' default skip list (norms, embeddings of positions and patches) plus the model's own
+    precision-sensitive layers (the DiT declares its timestep and caption embedders)."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    own = getattr(module, "_skip_layerwise_casting_patterns", None) or ()
+    return tuple(dict.fromkeys(DEFAULT_SKIP_MODULES_PATTERN + tuple(own)))
+
+
+def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None) -> Spec:
+    """Place `pipe` (loaded on the CPU, except the components `gpu_components(name)` names, which
+    may already be on `device`) according to profile `name`. Returns the spec applied."""
+    spec = spec_for(name, overrides)
+    kind = _device_type(device)
+    if spec.recipe == "cpu":
+        pipe.to("cpu")
+        return spec
+    if kind != "cuda":
+        raise ProfileError(f"profile {name!r} needs a CUDA GPU; on {kind} only 'cpu' applies")
+    if spec.recipe == "model_offload":
+        pipe.enable_model_cpu_offload(device=device)
+        return spec
+    if spec.recipe == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+        return spec
+
+    compute_dtype = pipe.transformer.dtype
+    # The DiT first: casting or moving it frees its bf16 host copy (the largest) before the text
+    # encoder's pinned copy is made, which keeps peak host RSS lower.
+    _place(pipe.transformer, spec.transformer, device, compute_dtype, spec)
+    _place(pipe.text_encoder, spec.text_encoder, device, compute_dtype, spec)
+    pipe.vae.to(device)
+    if spec.vae_tiling:
+        pipe.vae.enable_tiling()
+        pipe.vae.tile_sample_min_size = VAE_TILE_PX
+        pipe.vae.tile_latent_min_size = VAE_TILE_PX // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    if spec.attention:
+        pipe.transformer.set_attention_backend(spec.attention)
+    if spec.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph")
+    return spec
