@@ -23,6 +23,8 @@ def parse_args(argv):
                     help="simulated renderer: SECONDS per 1024x1024 8-step image (load tests only)")
     ap.add_argument("--redis-url", help="ZFARM_REDIS_URL")
     ap.add_argument("--storage-url", help="ZFARM_STORAGE_URL")
+    ap.add_argument("--gpus", metavar="SPEC",
+                    help="one worker per GPU: 'all', '0,1', or '0:80,1:12' (card:GB class to play)")
     ap.add_argument("--loglevel", default="INFO")
     return ap.parse_args(argv)
 
@@ -32,8 +34,29 @@ ENV_FOR_FLAG = {"model": "ZFARM_MODEL", "name": "ZFARM_WORKER_NAME", "vram_gb": 
                 "redis_url": "ZFARM_REDIS_URL", "storage_url": "ZFARM_STORAGE_URL"}
 
 
+def _without_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    raw_argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(raw_argv)
+    if args.gpus:
+        if args.name or args.vram_gb:
+            print("zfarm worker: with --gpus, names and --vram-gb are per card (e.g. --gpus 0:80,1:12)",
+                  file=sys.stderr)
+            return 2
+        from worker import supervisor
+
+        return supervisor.main(args.gpus, _without_gpus(raw_argv))
     for attr, env in ENV_FOR_FLAG.items():
         value = getattr(args, attr)
         if value is not None:

@@ -127,6 +127,9 @@ def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     elif default_name:
         instance.hostname = f"zimage-{profiles.class_label(boot.vram_class)}@{boot.host}"
     STATE.name = instance.hostname
+    from worker import metrics
+
+    metrics.start(settings.metrics_port)
     try:
         with open(NAME_FILE, "w") as fh:
             fh.write(STATE.name)

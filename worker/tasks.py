@@ -13,7 +13,7 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from shared import registry
+from shared import keys, registry
 from shared.ledger import Ledger, LedgerError
 from shared.profiles import work_units
 from shared.redis_conn import connect
@@ -156,10 +156,22 @@ def run_job(task_id: str, args, kwargs) -> dict:
         metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
         raise JobFailed(f"job {job.id}: {failure.kind}: {failure.message}"[:2000]) from None
     ledger.finish(job.batch_id, job.index, "done", tier=job.tier)
+    _note_render_facts(b, record)
     registry.record_job(_redis(), boot.STATE.name, "done", result.render_s,
                         work_units(job.spec.pixels, job.spec.steps))
     metrics.observe_render(b.vram_class, record["profile"], result.render_s)
     return {"job_id": job.id, "render_s": round(result.render_s, 3)}
+
+
+def _note_render_facts(b, record: dict) -> None:
+    """An out-of-memory step-down changes this worker's profile: say so in the registry and metrics."""
+    if record.get("peak_vram_gib") is not None:
+        metrics.set_peak_vram(b.vram_class, float(record["peak_vram_gib"]))
+    downgraded_from = record.get("downgraded_from")
+    if downgraded_from:
+        metrics.count_oom_stepdown(b.vram_class, downgraded_from, record["profile"])
+        _redis().hset(keys.worker(boot.STATE.name), mapping={
+            "profile": record["profile"], "downgraded_from": downgraded_from})
 
 
 class _Failure(Exception):
