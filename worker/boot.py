@@ -202,6 +202,7 @@ class RegistryStep(bootsteps.StartStopStep):
         self.timers = [
             c.timer.call_repeatedly(settings.heartbeat_s, self._heartbeat, (settings,), priority=10),
             c.timer.call_repeatedly(settings.heartbeat_s, self._sweep, (settings,), priority=5),
+            c.timer.call_repeatedly(settings.heartbeat_s, self._webhooks, (settings,), priority=1),
         ]
         if not STATE.ready:
             self.timers.append(c.timer.call_repeatedly(0.25, self._await_ready, (c,), priority=10))
@@ -236,6 +237,11 @@ class RegistryStep(bootsteps.StartStopStep):
         if restored:
             log.warning("handed %d job(s) of dead workers back to their queues", restored)
 
+    def _webhooks(self, settings):
+        from worker.webhooks import deliver_finished
+
+        deliver_finished(self.client, settings.webhook_timeout_s)
+
     def stop(self, c):
         for timer in self.timers:
             timer.cancel()
@@ -255,10 +261,20 @@ class InfoStep(bootsteps.StartStopStep):
         boot = STATE.boot
         if boot is None:
             return {}
-        return {"zfarm": {"gpu": boot.gpu, "vram_gb": boot.vram_gib, "vram_class": boot.vram_class,
-                          "profile": boot.choice.profile, "max_pixels": boot.choice.max_pixels,
-                          "s_per_image_measured": boot.choice.s_per_image, "model": STATE.model_path,
-                          "ready": STATE.ready, "queues": len(STATE.queues)}}
+        info = {"gpu": boot.gpu, "vram_gb": boot.vram_gib, "vram_class": boot.vram_class,
+                "profile": boot.choice.profile, "max_pixels": boot.choice.max_pixels,
+                "s_per_image_measured": boot.choice.s_per_image, "model": STATE.model_path,
+                "ready": STATE.ready, "queues": len(STATE.queues)}
+        try:
+            from worker.app import settings
+
+            live = {w["name"]: w for w in registry.live_workers(connect(settings.redis_url, retry_s=2))}
+            me = live.get(STATE.name, {})
+            info.update({"s_per_image": me.get("s_per_image"), "jobs_done": me.get("jobs_done"),
+                         "jobs_failed": me.get("jobs_failed"), "profile": me.get("profile", boot.choice.profile)})
+        except Exception as exc:  # stats must answer even while Redis is away; say why speed is missing
+            info["s_per_image"] = f"unavailable: {type(exc).__name__}"
+        return {"zfarm": info}
 
 
 def _on_sigterm_draining(worker):
