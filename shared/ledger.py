@@ -225,6 +225,31 @@ class Ledger:
         out["meta"] = meta
         return out
 
+    def backlog(self) -> dict[str, tuple[int, float]]:
+        """Jobs not yet finished across active batches, by size tier: tier -> (jobs, work units).
+
+        A batch's work per job is its submitted average (`work_units` / `total` in its metadata);
+        running jobs count whole, in their batch's largest tier."""
+        active = sorted(b.decode() for b in self.redis.smembers(keys.ACTIVE_BATCHES))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in active:
+                pipe.hgetall(keys.batch_counts(batch_id))
+                pipe.hmget(keys.batch_meta(batch_id), "total", "work_units")
+            replies = pipe.execute()
+        out: dict[str, list] = {}
+        for counts, (total, work_units) in zip(replies[::2], replies[1::2]):
+            counts = {k.decode(): int(v) for k, v in counts.items()}
+            per_job = float(work_units) / max(1, int(total)) if work_units and total else 1.0
+            tiers = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("queued:") and v > 0}
+            if counts.get("running", 0) > 0:
+                biggest = max(tiers, default="any", key=lambda t: (t != "any", t))
+                tiers[biggest] = tiers.get(biggest, 0) + counts["running"]
+            for tier, n in tiers.items():
+                entry = out.setdefault(tier, [0, 0.0])
+                entry[0] += n
+                entry[1] += n * per_job
+        return {tier: (n, round(w, 3)) for tier, (n, w) in out.items()}
+
     def jobs(self, batch_id: str) -> dict[int, dict]:
         raw = self.redis.hgetall(keys.batch_jobs(check_id(batch_id)))
         return {int(i): json.loads(v) for i, v in raw.items()}
