@@ -16,6 +16,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shared import keys
+from shared.schema import PRIORITIES, SIDE_MAX_PX
+
 # VRAM classes in GB, and the allocator cap (GiB) a card of that class can use: the card's total
 # less the CUDA context and driver reservations. The benchmark measures under these caps.
 CLASS_CAPS_GIB = {8: 7.0, 12: 11.0, 16: 15.0, 24: 23.0, 48: 47.0, 80: 79.0}
@@ -25,6 +28,8 @@ HEADROOM_GIB = 0.5
 # Host memory the OS, Python and the worker need beside the profile's own RSS.
 HOST_RESERVE_GIB = 2.0
 CPU_MAX_PIXELS = 2048 * 2048
+# The largest job the schema accepts.
+JOB_MAX_PIXELS = SIDE_MAX_PX * SIDE_MAX_PX
 # Pixels of the reference job the table's speeds are measured on (1024x1024, 8 steps).
 REFERENCE_PIXELS = 1024 * 1024
 REFERENCE_STEPS = 8
@@ -166,24 +171,60 @@ def max_pixels_by_class(table: dict) -> dict:
     return {row["vram_class"]: row["max_pixels"] for row in class_table(table) if row.get("profile")}
 
 
+def tier_ceilings(max_pixels: dict) -> dict[str, int]:
+    """Every size tier the table implies, with the largest job it holds, smallest tier first.
+
+    A tier is a level of `max_pixels`: "any" holds the jobs every GPU class renders (up to the
+    smallest class's max_pixels); each larger level is named "c<N>" after the smallest class that
+    reaches it; "c0" holds jobs above every class on record (up to the largest job the schema
+    allows), which only a worker that renders any size can take. Classes sharing a level share
+    its tier, so workers consume no queue that can never fill.
+
+    E.g. {12: 1024², 16: 1024², 24: 2048², 48: 2048²} gives {"any": 1024², "c24": 2048²}."""
+    gpu = sorted((px, c) for c, px in max_pixels.items() if c != CPU_CLASS)
+    if not gpu:
+        return {keys.SHARED_TIER: JOB_MAX_PIXELS}
+    ceilings = {keys.SHARED_TIER: gpu[0][0]}
+    top = gpu[0][0]
+    for px, vram_class in gpu:  # sorted by pixels, then class: a level's smallest class comes first
+        if px > top:
+            ceilings[f"c{vram_class}"] = top = px
+    if top < JOB_MAX_PIXELS:
+        ceilings["c0"] = JOB_MAX_PIXELS
+    return ceilings
+
+
 def tier_for_pixels(pixels: int, max_pixels: dict) -> str:
-    """The queue tier of a job: "any" when every GPU class renders it, else "c<N>" for the smallest
-    class that can, or "c0" when no class on record can (it waits for a capable worker)."""
-    gpu = {c: px for c, px in max_pixels.items() if c != CPU_CLASS}
-    if not gpu or pixels <= min(gpu.values()):
-        return "any"
-    able = sorted(c for c, px in gpu.items() if px >= pixels)
-    return f"c{able[0]}" if able else "c0"
+    """The queue tier of a job: the smallest tier whose ceiling holds it (see `tier_ceilings`)."""
+    ceilings = tier_ceilings(max_pixels)
+    return next((tier for tier, ceiling in ceilings.items() if pixels <= ceiling), list(ceilings)[-1])
 
 
 def tiers_served(worker_max_pixels: int, max_pixels: dict) -> list[str]:
-    """Tiers a worker can take every job of, largest jobs first, the shared tier last."""
-    gpu = {c: px for c, px in max_pixels.items() if c != CPU_CLASS}
-    smallest = min(gpu.values()) if gpu else 0
-    tiers = [f"c{c}" for c in sorted(gpu, reverse=True) if smallest < gpu[c] <= worker_max_pixels]
-    if worker_max_pixels >= CPU_MAX_PIXELS:
-        tiers.insert(0, "c0")
-    return tiers + ["any"]
+    """Tiers a worker can take every job of, largest jobs first, the shared tier last.
+
+    Every worker serves the shared tier, whatever its own max_pixels: "any" is the floor of the
+    table, and a worker must consume something."""
+    ceilings = tier_ceilings(max_pixels)
+    larger = [tier for tier, ceiling in ceilings.items()
+              if tier != keys.SHARED_TIER and ceiling <= worker_max_pixels]
+    return larger[::-1] + [keys.SHARED_TIER]
+
+
+def queue_rank(queue: str, ceilings: dict[str, int]) -> tuple[int, int]:
+    """Where a queue stands in the order workers serve queues: priority first (high, normal, low),
+    then the tier of the largest jobs first (by `tier_ceilings`), the shared tier last. Lanes of
+    one priority and tier rank equal: they take turns. Queues that are not zfarm's come last.
+
+    A worker's BRPOP names its queues in this order; the producer pushes a batch's queues in this
+    order too, because Redis hands a client blocked on several lists the list pushed first in a
+    transaction, not the one it named first."""
+    parsed = keys.parse_queue(queue)
+    if parsed is None or parsed[0] not in PRIORITIES:
+        return (len(PRIORITIES), 0)
+    priority, tier, _lane = parsed
+    size_rank = 0 if tier == keys.SHARED_TIER else -ceilings.get(tier, 1)
+    return (PRIORITIES.index(priority), size_rank)
 
 
 # A job's hard time limit comes from the slowest class's measured speed, scaled to the job's size

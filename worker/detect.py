@@ -85,14 +85,6 @@ def host_ram_gib() -> float:
         return 0.0
 
 
-def class_for_override(vram_gb: float):
-    """--vram-gb N plays a card of N GB: the class whose cap fits N - 1 GiB usable."""
-    reached = [c for c, cap in profiles.CLASS_CAPS_GIB.items() if vram_gb - 1.0 >= cap - 1e-9]
-    if not reached:
-        raise ValueError(f"--vram-gb {vram_gb:g} is below the smallest class ({min(profiles.CLASS_CAPS_GIB)} GB)")
-    return max(reached)
-
-
 def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = None) -> BootInfo:
     """Detect the card (or take the override), its class, and choose the profile from the table."""
     table = profiles.load_table() if table is None else table
@@ -103,7 +95,7 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
     if use_gpu:
         gpu = gpus[0]
         if settings.vram_gb:
-            vram_class = class_for_override(settings.vram_gb)
+            vram_class = profiles.class_for_override(settings.vram_gb)
             vram_gib = settings.vram_gb
             cap_gib = profiles.CLASS_CAPS_GIB[vram_class]
         else:
@@ -120,7 +112,7 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
     # CPU: the override only sets the class registered and the queues served (for tests and
     # simulated fleets); the render itself runs on the CPU.
     if settings.vram_gb:
-        vram_class = class_for_override(settings.vram_gb)
+        vram_class = profiles.class_for_override(settings.vram_gb)
         try:
             choice = profiles.choose(table, vram_class, None, forced=settings.profile)
         except profiles.ProfileError:

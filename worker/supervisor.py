@@ -78,7 +78,7 @@ def parse_gpus(spec: str, gpus: list[detect.GpuInfo]) -> list[Slot]:
 
 
 def slot_name(slot: Slot, gpu: detect.GpuInfo, host: str) -> str:
-    vram_class = (detect.class_for_override(slot.vram_gb) if slot.vram_gb
+    vram_class = (profiles.class_for_override(slot.vram_gb) if slot.vram_gb
                   else profiles.class_for_vram(gpu.total_gib))
     label = profiles.class_label(vram_class) if vram_class is not None else "small"
     return f"zimage-{label}-gpu{slot.gpu_index}@{host}"

@@ -1,0 +1,425 @@
+"""`zfarm`: submit prompt files, follow and collect batches, list workers and profiles.
+
+Output rules: results on stdout (tables on a terminal, tab-separated lines when piped, one JSON
+object with --json), everything for the human on stderr. User errors are one clear line each on
+stderr, never a traceback. Commands that run the worker side exec `python -m worker...`, so the
+producer never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from urllib.parse import urlparse
+
+import redis
+
+from producer.api import Farm, SubmitError, failure_reason
+from producer.files import PromptFileError, parse_prompt_file
+from producer.progress import Progress
+from shared import profiles
+from shared.ledger import LedgerError
+from shared.schema import PRIORITIES, JobError
+from shared.settings import SettingsError
+from shared.storage import StorageError
+
+EXIT_OK = 0
+EXIT_FAILED = 1       # wait: some job failed or was cancelled
+EXIT_USAGE = 2        # bad input, refused submission; wait: timed out
+EXIT_UNAVAILABLE = 3  # Redis or storage unreachable
+EXIT_TIMEOUT = 2
+# Short commands give up on an unreachable Redis sooner than a long `wait`, which rides out restarts.
+SHORT_REDIS_RETRY_S = 10.0
+WAIT_REDIS_RETRY_S = 60.0
+FAILURES_SHOWN = 20
+STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
+                 "done", "failed", "cancelled")
+WORKER_FIELDS = ("name", "host", "gpu", "vram_gb", "vram_class", "profile", "state", "jobs_done",
+                 "jobs_failed", "s_per_image", "last_seen")
+# Sub-commands handed whole to another module: their arguments are that module's to parse.
+PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.tiny", "fetch-model": "worker.fetch"}
+GLOBAL_OPTIONS = ("--redis-url", "--storage-url")
+
+
+class UsageError(ValueError):
+    """A command-line mistake argparse cannot see (options that do not go together)."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zfarm", description="Render farm for Z-Image-Turbo: queue prompt files, follow and collect batches.",
+        epilog="exit codes: 0 ok; 1 jobs failed or were cancelled (wait); 2 bad input, refused, or timed out "
+               "(wait); 3 Redis or storage unreachable")
+    parser.add_argument("--redis-url", help="overrides ZFARM_REDIS_URL")
+    parser.add_argument("--storage-url", help="overrides ZFARM_STORAGE_URL")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="queue a prompt file (.txt, .jsonl, .csv, or - for stdin)")
+    p.add_argument("file")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int, help="the same seed for every job (default: one drawn per job)")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal")
+    p.add_argument("--name", help="batch name; submitting the same name again returns the first batch")
+    p.add_argument("--idempotency-key", help="submitting the same key again returns the first batch")
+    p.add_argument("--webhook", help="URL called when the batch finishes")
+    p.add_argument("--allow-pending", action="store_true",
+                   help="queue jobs larger than every live worker renders, for a worker yet to come")
+    p.add_argument("--wait", action="store_true", help="wait for the batch to finish")
+    p.add_argument("--out", help="with --wait: collect results into this folder")
+    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="counts and failure reasons of a batch")
+    p.add_argument("batch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("wait", help="wait for a batch: exit 0 all done, 1 some failed/cancelled, 2 timeout")
+    p.add_argument("batch")
+    p.add_argument("--timeout", type=float)
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("collect", help="download results, manifest.jsonl and an index.html contact sheet")
+    p.add_argument("batch")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("cancel", help="cancel the jobs of a batch not yet started")
+    p.add_argument("batch")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("retry", help="queue the failed jobs of a batch again")
+    p.add_argument("batch")
+    p.add_argument("--failed", action="store_true", required=True, help="retry the failed jobs (the only mode)")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("workers", help="live workers")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("profiles", help="the profile each VRAM class would run, from the measured table")
+    p.add_argument("--vram-gb", type=float, help="show the choice for a card of this many GB (default: cpu)")
+    p.add_argument("--ram-gb", type=float, help="host RAM the choice must fit (default: any)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profiles)
+
+    for name, help_text in (("worker", "run a render worker (python -m worker ...)"),
+                            ("tiny-model", "build a small random-weight model: tiny-model DIR"),
+                            ("fetch-model", "download the model weights (python -m worker.fetch ...)")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("demo", help="a self-contained demo: local Redis, one CPU worker, a tiny model")
+    p.add_argument("--dir", default="zfarm-demo", help="working folder (default ./zfarm-demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _split_passthrough(argv: list[str]):
+    """(global options, command, its arguments) when the command is a pass-through one, else None.
+
+    argparse cannot hand options like `--name` through to another program, so these are split off
+    before it parses anything."""
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in GLOBAL_OPTIONS:
+            i += 2
+        elif token.startswith(tuple(o + "=" for o in GLOBAL_OPTIONS)):
+            i += 1
+        elif token in PASSTHROUGH:
+            return argv[:i], token, argv[i + 1:]
+        else:
+            return None
+    return None
+
+
+def _exec(argv: list[str]) -> None:
+    """Replace this process (tests replace this function)."""
+    os.execv(argv[0], argv)
+
+
+def run_passthrough(args, command: str, rest: list[str]) -> int:
+    # The worker reads its settings from the environment; the global options travel that way.
+    if args.redis_url:
+        os.environ["ZFARM_REDIS_URL"] = args.redis_url
+    if args.storage_url:
+        os.environ["ZFARM_STORAGE_URL"] = args.storage_url
+    if command == "tiny-model" and len(rest) != 1:
+        raise UsageError("usage: zfarm tiny-model DIR")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _exec([sys.executable, "-m", PASSTHROUGH[command], *rest])
+    return EXIT_OK
+
+
+# Helpers
+def _farm(args, redis_retry_s: float = SHORT_REDIS_RETRY_S) -> Farm:
+    return Farm.from_env(redis_url=args.redis_url, storage_url=args.storage_url, redis_retry_s=redis_retry_s)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _print_table(header: list[str], rows: list[list], tty: bool) -> None:
+    """Aligned columns on a terminal, tab-separated lines otherwise."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if not tty:
+        print("\t".join(header))
+        for row in cells:
+            print("\t".join(c.replace("\t", " ").replace("\n", " ") for c in row))
+        return
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _exit_for(status: dict) -> int:
+    if not status["finished"]:
+        return EXIT_TIMEOUT
+    return EXIT_FAILED if status["failed"] or status["cancelled"] else EXIT_OK
+
+
+def _wait(batch, timeout_s: float | None) -> dict:
+    progress = Progress(sys.stderr)
+    try:
+        status = batch.wait(timeout_s=timeout_s, on_progress=progress)
+    finally:
+        progress.close()
+    if not status["finished"]:
+        _say(f"zfarm: timed out after {timeout_s:g} s; batch {batch.id} is still running "
+             f"(zfarm wait {batch.id} to keep waiting)")
+    elif status["failed"] or status["cancelled"]:
+        _say(f"zfarm: batch {batch.id}: {status['done']} done, {status['failed']} failed, "
+             f"{status['cancelled']} cancelled (zfarm status {batch.id} for reasons)")
+    return status
+
+
+def _collect(batch, out_dir: str) -> dict:
+    summary = batch.collect(out_dir)
+    _say(f"collected {summary['downloaded']} of {summary['jobs']} images into {summary['out_dir']}")
+    if summary["missing_done"]:
+        _say(f"zfarm: {len(summary['missing_done'])} done job(s) have no image in storage "
+             f"(first: #{summary['missing_done'][0]})")
+    if summary.get("note"):
+        _say(f"zfarm: {summary['note']}")
+    return summary
+
+
+# Commands
+def cmd_submit(args) -> int:
+    if (args.out or args.timeout is not None) and not args.wait:
+        raise UsageError("--out and --timeout need --wait")
+    defaults = {"width": args.width, "height": args.height, "steps": args.steps, "guidance": args.guidance,
+                "seed": args.seed, "negative_prompt": args.negative_prompt}
+    entries = parse_prompt_file(args.file, {k: v for k, v in defaults.items() if v is not None})
+    farm = _farm(args, WAIT_REDIS_RETRY_S if args.wait else SHORT_REDIS_RETRY_S)
+    batch = farm.submit(entries, priority=args.priority, name=args.name, idempotency_key=args.idempotency_key,
+                        webhook=args.webhook, allow_pending=args.allow_pending, source=args.file)
+    result = {"batch_id": batch.id, "jobs": len(entries), "created": batch.created, "priority": args.priority,
+              "name": args.name, "queues": batch.queues}
+    if not batch.created:
+        _say(f"zfarm: already submitted as batch {batch.id} (same name or idempotency key); nothing queued again")
+    else:
+        _say(f"queued {len(entries)} job(s) at priority {args.priority} as batch {batch.id}")
+        if batch.live_workers == 0:
+            _say("zfarm: no worker is live right now; the jobs wait in the queue until one starts")
+        elif args.allow_pending:
+            waiting = batch.status()["waiting_for_worker"]
+            if waiting:
+                _say(f"zfarm: {waiting} job(s) wait for a worker larger than any live one")
+    exit_code = EXIT_OK
+    if args.wait:
+        status = _wait(batch, args.timeout)
+        result["status"] = {k: status[k] for k in STATUS_FIELDS}
+        exit_code = _exit_for(status)
+        if args.out:
+            result["collected"] = _collect(batch, args.out)
+    if args.json:
+        _print_json(result)
+    else:
+        if result.get("collected"):
+            print(result["collected"]["index_html"])
+        print(batch.id)
+    return exit_code
+
+
+def cmd_status(args) -> int:
+    status = _farm(args).batch(args.batch).status()
+    if args.json:
+        # Not the whole meta: a webhook URL may carry a token.
+        out = {k: v for k, v in status.items() if k != "meta"}
+        out.update(source=status["meta"].get("source", ""), lane=status["meta"].get("lane"))
+        _print_json(out)
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    _print_table(["field", "value"], [[k, status.get(k)] for k in STATUS_FIELDS], tty)
+    failures = status["failures"]
+    if failures:
+        print()
+        shown = failures[:FAILURES_SHOWN] if tty else failures
+        _print_table(["index", "worker", "reason"],
+                     [[f["index"], f.get("worker"), failure_reason(f)] for f in shown], tty)
+        if len(failures) > len(shown):
+            print(f"... and {len(failures) - len(shown)} more (--json lists all)")
+    return EXIT_OK
+
+
+def cmd_wait(args) -> int:
+    status = _wait(_farm(args, WAIT_REDIS_RETRY_S).batch(args.batch), args.timeout)
+    return _exit_for(status)
+
+
+def cmd_collect(args) -> int:
+    summary = _collect(_farm(args).batch(args.batch), args.out)
+    print(summary["index_html"])
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    batch = _farm(args).batch(args.batch)
+    n = batch.cancel()
+    _say(f"cancelled {n} queued job(s) of batch {batch.id}; jobs already running finish")
+    print(n)
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    batch = _farm(args).batch(args.batch)
+    n = batch.retry_failed()
+    _say(f"queued {n} failed job(s) of batch {batch.id} again" if n else f"batch {batch.id} has no failed jobs")
+    print(n)
+    return EXIT_OK
+
+
+def cmd_workers(args) -> int:
+    workers = _farm(args).workers()
+    if args.json:
+        _print_json(workers)
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    rows = []
+    for w in workers:
+        row = [w.get(f) for f in WORKER_FIELDS]
+        if tty and w.get("last_seen"):
+            row[-1] = f"{max(0.0, time.time() - float(w['last_seen'])):.0f} s ago"
+        rows.append(row)
+    _print_table(list(WORKER_FIELDS), rows, tty)
+    if tty and not workers:
+        _say("no live workers")
+    return EXIT_OK
+
+
+def profiles_report(table: dict, vram_gb: float | None, ram_gb: float | None) -> dict:
+    """What `zfarm profiles --json` prints: every class's choice, and the one for this card."""
+    vram_class = profiles.CPU_CLASS if vram_gb is None else profiles.class_for_override(vram_gb)
+    report = {"classes": profiles.class_table(table, ram_gb), "source": table.get("source"),
+              "vram_gb": vram_gb, "ram_gb": ram_gb}
+    try:
+        report["chosen"] = profiles.choose(table, vram_class, ram_gb).to_dict()
+    except profiles.ProfileError as exc:
+        report["chosen"] = None
+        report["error"] = str(exc)
+    return report
+
+
+def cmd_profiles(args) -> int:
+    report = profiles_report(profiles.load_table(), args.vram_gb, args.ram_gb)
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    header = ["class", "profile", "s_per_image", "peak_reserved_gib", "host_rss_gib", "max_pixels", "cap_gib"]
+    _print_table(header, [[profiles.class_label(r["vram_class"]), r.get("profile"), r.get("s_per_image"),
+                           r.get("peak_reserved_gib"), r.get("host_rss_gib"), r.get("max_pixels"),
+                           r.get("cap_gib")] for r in report["classes"]], tty)
+    card = "cpu" if args.vram_gb is None else f"a {args.vram_gb:g} GB card"
+    if report["chosen"]:
+        chosen = report["chosen"]
+        _say(f"{card} runs profile {chosen['profile']} (class {profiles.class_label(chosen['vram_class'])}); "
+             f"table: {report['source']}")
+    else:
+        _say(f"{card}: {report['error']}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from producer import demo
+
+    return demo.run(args.dir, redis_url=args.redis_url, storage_url=args.storage_url)
+
+
+def _redact(url: str) -> str:
+    """A Redis URL without its password, for error messages."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    host = parsed.hostname or ""
+    netloc = f"{parsed.username or ''}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def _redis_url_for_message(args) -> str:
+    if args is not None and getattr(args, "redis_url", None):
+        return _redact(args.redis_url)
+    return _redact(os.environ.get("ZFARM_REDIS_URL", "redis://localhost:6379/0"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    args = None
+    split = _split_passthrough(argv)
+    try:
+        # argparse reports its own usage errors (exit 2) and --help (exit 0) by raising SystemExit.
+        args = parser.parse_args([*split[0], split[1]] if split else argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if split:
+            return run_passthrough(args, split[1], split[2])
+        return args.func(args)
+    except PromptFileError as exc:
+        _say(f"zfarm: refused {exc.errors[0].file}: {len(exc.errors) + exc.more} error(s); nothing was queued")
+        for error in exc.errors:
+            _say(f"  {error}")
+        if exc.more:
+            _say(f"  ... and {exc.more} more")
+        return EXIT_USAGE
+    except (UsageError, SubmitError, JobError, LedgerError, SettingsError, profiles.ProfileError) as exc:
+        _say(f"zfarm: {exc}")
+        return EXIT_USAGE
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        _say(f"zfarm: cannot reach Redis at {_redis_url_for_message(args)}: {exc}")
+        return EXIT_UNAVAILABLE
+    except StorageError as exc:
+        _say(f"zfarm: storage: {exc}")
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        _say("zfarm: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
