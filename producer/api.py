@@ -119,7 +119,8 @@ class Farm:
                                                  max(1.0, hard_s - SOFT_LIMIT_MARGIN_S))))
         meta = {"name": name or "", "priority": priority, "created_at": now, "total": len(jobs),
                 "storage_url": self.settings.storage_url, "webhook": webhook or "",
-                "idempotency_key": idem, "source": source_label, "lane": lane}
+                "idempotency_key": idem, "source": source_label, "lane": lane,
+                "work_units": round(sum(profiles.work_units(j.spec.pixels, j.spec.steps) for j in jobs), 3)}
         # Push in the order workers serve queues (largest tier first): a worker blocked on several
         # queues is handed the first list the transaction pushes to, not the first it named. The
         # sort is stable, so jobs keep their order within each queue.
@@ -155,6 +156,14 @@ class Farm:
         """Live workers, each with name, host, gpu, vram_gb, vram_class, profile, jobs_done,
         jobs_failed, s_per_image, last_seen, max_pixels."""
         return [_worker_row(w) for w in registry.live_workers(self.redis)]
+
+
+def scale_advice(farm: "Farm", deadline_s: float | None) -> dict:
+    """How long the queue takes to drain with the live fleet, and what to add or remove."""
+    from shared import capacity
+
+    backlog = [capacity.Backlog(tier, n, work) for tier, (n, work) in farm.ledger.backlog().items()]
+    return capacity.advise(backlog, registry.live_workers(farm.redis), farm.table, deadline_s).to_dict()
 
 
 class Batch:

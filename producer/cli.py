@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from producer.api import Farm, SubmitError, failure_reason
+from producer.api import Farm, SubmitError, failure_reason, scale_advice
 from producer.files import PromptFileError, parse_prompt_file
 from producer.progress import Progress
 from shared import profiles
@@ -109,6 +109,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram-gb", type=float, help="host RAM the choice must fit (default: any)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("scale-advice", help="when the queue drains, and workers to add/remove for a deadline")
+    p.add_argument("--deadline", help="e.g. 45m, 2h, 1h30m (default: just the expected finish)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_scale_advice)
 
     for name, help_text in (("worker", "run a render worker (python -m worker ...)"),
                             ("tiny-model", "build a small random-weight model: tiny-model DIR"),
@@ -328,6 +333,41 @@ def cmd_workers(args) -> int:
     _print_table(list(WORKER_FIELDS), rows, tty)
     if tty and not workers:
         _say("no live workers")
+    return EXIT_OK
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "never (no live worker can render some of it)"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def cmd_scale_advice(args) -> int:
+    from shared.capacity import parse_duration_s
+
+    try:
+        deadline_s = parse_duration_s(args.deadline) if args.deadline else None
+    except ValueError as exc:
+        _say(f"zfarm: --deadline: {exc}")
+        return EXIT_USAGE
+    advice = scale_advice(_farm(args), deadline_s)
+    if args.json:
+        _print_json(advice)
+        return EXIT_OK
+    print(f"remaining: {advice['remaining_jobs']} jobs, {advice['remaining_work_units']:g} reference images "
+          f"(1024x1024, 8 steps)")
+    print(f"fleet: {advice['fleet_images_per_hour']:g} reference images/hour; "
+          f"expected to finish in {_duration(advice['expected_finish_s'])}")
+    if advice["stranded_tiers"]:
+        print(f"no live worker can render the jobs of tier(s) {', '.join(advice['stranded_tiers'])}")
+    if deadline_s is not None:
+        if advice["meets_deadline"]:
+            removable = ", ".join(f"{n} x {c} GB" for c, n in advice["remove"].items()) or "none"
+            print(f"meets the {_duration(deadline_s)} deadline; workers that could go: {removable}")
+        else:
+            options = " or ".join(f"{n} x {c} GB" for c, n in advice["add"].items()) or "no measured class helps"
+            print(f"misses the {_duration(deadline_s)} deadline; add {options}")
     return EXIT_OK
 
 
