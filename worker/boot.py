@@ -13,6 +13,7 @@ and deregisters on clean shutdown.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import multiprocessing
@@ -29,13 +30,13 @@ from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
 from shared import keys, profiles, registry
+from shared.schema import PRIORITIES
 from shared.redis_conn import connect
 from worker import detect, model_source
 
 log = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits EX_CONFIG: the worker cannot start as configured
-NAME_FILE = "/tmp/zfarm-worker-name"
 
 
 @dataclass
@@ -67,6 +68,13 @@ _renderer_error: list[str] = []
 
 
 def versions() -> dict:
+    """Versions of what renders, for the registration and every job's sidecar (a fresh copy)."""
+    return dict(_versions())
+
+
+@functools.cache
+def _versions() -> dict:
+    # Cached: reading package metadata costs ~4 ms, once per job before it was cached.
     out = {"python": platform.python_version()}
     for dist in ("zfarm", "celery", "kombu", "redis", "torch", "diffusers", "transformers", "accelerate"):
         try:
@@ -77,11 +85,10 @@ def versions() -> dict:
 
 
 def worker_queues(boot: detect.BootInfo, table: dict, lanes: int) -> list[str]:
-    max_pixels = profiles.max_pixels_by_class(table)
-    tiers = profiles.tiers_served(boot.choice.max_pixels, max_pixels)
-    from shared.schema import PRIORITIES
-
-    return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(lanes)]
+    """Every queue this worker consumes: each priority, each size tier it can render every job of
+    (`profiles.tiers_served`: the shared tier always), each lane. `worker.queue_order` orders them."""
+    tiers = profiles.tiers_served(boot.choice.max_pixels, profiles.max_pixels_by_class(table))
+    return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(max(1, lanes))]
 
 
 def registration(settings) -> dict:
@@ -98,6 +105,8 @@ def registration(settings) -> dict:
         "versions": versions(), "started_at": STATE.started_at,
         "state": "ready" if STATE.ready else "loading",
         "tiers": sorted({keys.parse_queue(q)[1] for q in STATE.queues}),
+        # Producers never queue into a lane beyond the fewest any live worker consumes.
+        "lanes": settings.lanes,
     }
 
 
@@ -130,11 +139,12 @@ def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     from worker import metrics
 
     metrics.start(settings.metrics_port)
+    from worker.health import name_file
+
     try:
-        with open(NAME_FILE, "w") as fh:
-            fh.write(STATE.name)
+        name_file().write_text(STATE.name)
     except OSError as exc:
-        log.info("cannot write %s (%s); health checks need ZFARM_WORKER_NAME", NAME_FILE, exc)
+        log.info("cannot write %s (%s); health checks need ZFARM_WORKER_NAME", name_file(), exc)
     log.info("zfarm worker %s: %s, class %s, profile %s, max_pixels %d, %d queues",
              STATE.name, boot.gpu, boot.vram_class, boot.choice.profile, boot.choice.max_pixels, len(STATE.queues))
 
@@ -233,7 +243,9 @@ class RegistryStep(bootsteps.StartStopStep):
     def _sweep(self, settings):
         from worker.sweeper import sweep_dead_claims
 
-        restored = sweep_dead_claims(self.client, settings.heartbeat_s * 2)
+        # A live worker claims a job within moments of taking its message; one registry TTL is
+        # far longer than that, and no longer than noticing a dead worker takes anyway.
+        restored = sweep_dead_claims(self.client, settings.heartbeat_s * 2, min_age_s=settings.registry_ttl_s)
         if restored:
             log.warning("handed %d job(s) of dead workers back to their queues", restored)
 

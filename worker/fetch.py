@@ -1,8 +1,9 @@
 """`python -m worker.fetch` (`zfarm fetch-model`): put the weights in the cache before workers start.
 
 Downloads the pipeline from Hugging Face or ModelScope into the cache (ZFARM_MODEL_CACHE, or the hub
-library's default) and prints its local folder on stdout, the value to set as ZFARM_MODEL; progress
-and hints go to stderr, so `export ZFARM_MODEL=$(zfarm fetch-model --bf16)` works.
+library's default) exactly as a booting worker would (`worker.model_source`), and prints its local
+folder on stdout, the value to set as ZFARM_MODEL; progress and errors go to stderr, so
+`export ZFARM_MODEL=$(zfarm fetch-model --bf16)` works.
 
 The published transformer is float32 (two ~11 GiB shards). `--bf16` converts it once into a sibling
 folder `<snapshot>-bf16`, shard by shard and tensor by tensor, so memory stays near one bf16 shard;
@@ -19,10 +20,10 @@ import sys
 from pathlib import Path
 
 from shared.settings import Settings
+from worker import model_source
 
 log = logging.getLogger("zfarm.fetch")
 
-MODELSCOPE_PREFIX = "modelscope:"
 BF16_SUFFIX = "-bf16"
 CONVERTED_COMPONENTS = ("transformer",)
 
@@ -31,51 +32,15 @@ class FetchError(RuntimeError):
     """Raised when the weights cannot be downloaded or converted; the message says what to do."""
 
 
-def _hf_hint(exc: Exception) -> str:
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    if isinstance(exc, GatedRepoError):
-        return "the repository is gated: accept its terms on huggingface.co and set HF_TOKEN"
-    if isinstance(exc, RepositoryNotFoundError):
-        return "no such repository (check the id; a private one needs HF_TOKEN)"
-    if isinstance(exc, LocalEntryNotFoundError):
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            return "HF_HUB_OFFLINE is set and the model is not in the cache"
-        return "the Hub is unreachable and the model is not in the cache (network, proxy, HF_ENDPOINT?)"
-    return "download failed"
-
-
-def download_hf(model_id: str, cache_dir: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+def fetch(model: str, source: str, cache_dir: str) -> Path:
+    """Local folder of the pipeline: downloaded (or found in the cache) the way a worker would."""
+    if source == "modelscope" and not model.startswith(model_source.MODELSCOPE_PREFIX) \
+            and not Path(model).expanduser().exists():
+        model = model_source.MODELSCOPE_PREFIX + model
     try:
-        return Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise FetchError(
-            f"could not fetch {model_id!r} from Hugging Face: {_hf_hint(exc)}. Try --source modelscope, "
-            f"or set ZFARM_MODEL to a local folder holding the pipeline. ({type(exc).__name__})") from exc
-
-
-def download_modelscope(model_id: str, cache_dir: str, revision: str | None) -> Path:
-    from modelscope import snapshot_download
-
-    try:
-        return Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None))
-    except Exception as exc:  # modelscope raises assorted types (requests, ValueError, its own)
-        raise FetchError(f"could not fetch {model_id!r} from ModelScope: {type(exc).__name__}: {exc}. "
-                         "Try --source hf, or set ZFARM_MODEL to a local folder.") from exc
-
-
-def fetch(model: str, source: str, cache_dir: str, revision: str | None = None) -> Path:
-    """Local folder of the pipeline: an existing folder as is, else a hub snapshot."""
-    if model.startswith(MODELSCOPE_PREFIX):
-        return download_modelscope(model[len(MODELSCOPE_PREFIX):], cache_dir, revision)
-    if Path(model).is_dir():
-        return Path(model).resolve()
-    if source == "modelscope":
-        return download_modelscope(model, cache_dir, revision)
-    return download_hf(model, cache_dir, revision)
+        return Path(model_source.resolve_model(model, cache_dir))
+    except model_source.ModelNotFound as exc:
+        raise FetchError(str(exc)) from exc
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -135,6 +100,8 @@ def _link_tree(src_dir: Path, dst_dir: Path) -> None:
 
 def to_bf16(pipeline_dir: Path, components: tuple[str, ...] = CONVERTED_COMPONENTS) -> Path:
     """The sibling `<pipeline_dir>-bf16`, made once: built under a temporary name, then renamed."""
+    if pipeline_dir.name.endswith(BF16_SUFFIX):
+        return pipeline_dir  # ZFARM_MODEL already names a converted folder
     out = pipeline_dir.with_name(pipeline_dir.name + BF16_SUFFIX)
     if out.is_dir():
         log.info("%s already exists: kept (delete it to convert again)", out)
@@ -166,7 +133,6 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
                         help="Hugging Face id, modelscope:<id>, or a local folder (default: ZFARM_MODEL)")
     parser.add_argument("--source", choices=("hf", "modelscope"), default="hf",
                         help="hub to download a plain id from (default: hf)")
-    parser.add_argument("--revision", default=None, help="branch, tag or commit (default: the main one)")
     parser.add_argument("--bf16", action="store_true",
                         help="also convert the float32 transformer to bf16 into <folder>-bf16")
     parser.add_argument("--cache-dir", default=settings.model_cache_dir,
@@ -178,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = parse_args(argv, Settings.from_env())
     try:
-        path = fetch(args.model, args.source, args.cache_dir, args.revision)
+        path = fetch(args.model, args.source, args.cache_dir)
         if args.bf16:
             path = to_bf16(path)
     except FetchError as exc:

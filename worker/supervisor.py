@@ -97,6 +97,10 @@ class Supervisor:
         env["ZFARM_WORKER_NAME"] = slot.name
         if slot.vram_gb:
             env["ZFARM_VRAM_GB"] = str(slot.vram_gb)
+        base_port = int(env.get("ZFARM_METRICS_PORT", "0") or 0)
+        if base_port:
+            # One metrics endpoint per card: base port + card index.
+            env["ZFARM_METRICS_PORT"] = str(base_port + slot.gpu_index)
         slot.proc = subprocess.Popen([sys.executable, "-m", "worker", *self.worker_args], env=env)
         slot.started_at = time.monotonic()
         slot.restart_at = None
