@@ -25,6 +25,9 @@ CLASS_CAPS_GIB = {8: 7.0, 12: 11.0, 16: 15.0, 24: 23.0, 48: 47.0, 80: 79.0}
 GPU_CLASSES = tuple(sorted(CLASS_CAPS_GIB))
 CPU_CLASS = "cpu"
 HEADROOM_GIB = 0.5
+CLASS_REACH_FRACTION = 0.93
+# What an uncapped benchmark run on the measuring card (an 80 GB H100) counts as.
+UNCAPPED_RUN_GIB = CLASS_CAPS_GIB[80]
 # Host memory the OS, Python and the worker need beside the profile's own RSS.
 HOST_RESERVE_GIB = 2.0
 CPU_MAX_PIXELS = 2048 * 2048
@@ -43,9 +46,11 @@ class ProfileError(ValueError):
 
 
 def class_for_vram(total_gib: float) -> int | None:
-    """The largest class whose cap the card's memory reaches, or None below the smallest."""
-    usable_gib = total_gib - 0.75
-    reached = [c for c, cap in CLASS_CAPS_GIB.items() if usable_gib >= cap]
+    """The largest class the card's memory reaches, or None below the smallest.
+
+    Cards report a little less than their name says (an "80 GB" H100 shows 79.2-79.6 GiB, a 16 GB
+    card 15.6-16.0), so a card reaches class N with 93% of N GiB."""
+    reached = [c for c in CLASS_CAPS_GIB if total_gib >= CLASS_REACH_FRACTION * c]
     return max(reached) if reached else None
 
 
@@ -88,8 +93,12 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
 def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
     if not run.get("ok") or run.get("s_per_image") is None or run.get("peak_reserved_gib") is None:
         return False
+    # An uncapped run had the whole measuring card (an 80 GB H100): it is evidence for that class
+    # only. Its peak may look small, but its max_pixels was found with all that memory.
     run_cap = run.get("cap_gib")
-    if run_cap is not None and run_cap > cap_gib:
+    if run_cap is None:
+        run_cap = UNCAPPED_RUN_GIB
+    if run_cap > cap_gib + 1e-9:
         return False
     if run["peak_reserved_gib"] > cap_gib - HEADROOM_GIB:
         return False
