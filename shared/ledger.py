@@ -13,7 +13,7 @@ import time
 import redis
 
 from shared import keys
-from shared.schema import Job, check_id
+from shared.schema import Job, JobError, check_id
 from shared.wire import render_message
 
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -22,8 +22,19 @@ FINAL_STATES = ("done", "failed", "cancelled")
 MAX_ATTEMPTS = 5
 COUNT_FIELDS = ("queued", "running", "done", "failed", "cancelled")
 
+# The size tier a queued job is counted under is the one stored with the batch, never the one a
+# message claims: a forged or malformed message must not skew the per-tier queued counts.
+# KEYS[8] below (KEYS[6] in _START): the batch's jobs hash.   ARGV[6] (ARGV[3]): the fallback tier.
+_STORED_TIER = """
+local function stored_tier(jobs_key, index, fallback)
+  local ok, job = pcall(cjson.decode, redis.call('HGET', jobs_key, index) or '')
+  if ok and type(job) == 'table' and type(job.tier) == 'string' then return job.tier end
+  return fallback
+end
+"""
+
 # KEYS: counts, states, running, meta, attempts, jobs   ARGV: index, worker, tier, max_attempts
-_START = """
+_START = _STORED_TIER + """
 local st = redis.call('HGET', KEYS[2], ARGV[1])
 if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
 if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 0 then return 'unknown' end
@@ -33,7 +44,7 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 if st == 'running' then return 'run' end
 redis.call('HSET', KEYS[2], ARGV[1], 'running')
 redis.call('HINCRBY', KEYS[1], 'queued', -1)
-redis.call('HINCRBY', KEYS[1], 'queued:' .. ARGV[3], -1)
+redis.call('HINCRBY', KEYS[1], 'queued:' .. stored_tier(KEYS[6], ARGV[1], ARGV[3]), -1)
 redis.call('HINCRBY', KEYS[1], 'running', 1)
 return 'run'
 """
@@ -50,7 +61,7 @@ end
 
 # KEYS: counts, states, running, failures, meta, active, finished-events, jobs
 # ARGV: index, outcome, reason, now, batch_id, tier
-_FINISH = """
+_FINISH = _STORED_TIER + """
 local st = redis.call('HGET', KEYS[2], ARGV[1])
 if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
 if redis.call('HEXISTS', KEYS[8], ARGV[1]) == 0 then return -1 end
@@ -60,7 +71,7 @@ if st == 'running' then
 else
   if redis.call('HGET', KEYS[5], 'cancelled') == '1' then return 0 end
   redis.call('HINCRBY', KEYS[1], 'queued', -1)
-  redis.call('HINCRBY', KEYS[1], 'queued:' .. ARGV[6], -1)
+  redis.call('HINCRBY', KEYS[1], 'queued:' .. stored_tier(KEYS[8], ARGV[1], ARGV[6]), -1)
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
@@ -87,6 +98,20 @@ return queued
 
 class LedgerError(RuntimeError):
     """Raised when a batch is unknown or a transition is impossible."""
+
+
+def job_ref(raw_job) -> tuple[str, int] | None:
+    """(batch_id, index) that a job's wire form names, read leniently from a message that may be
+    invalid otherwise, or None when it names no job well enough to fail one."""
+    if not isinstance(raw_job, dict):
+        return None
+    index = raw_job.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return None
+    try:
+        return check_id(raw_job.get("batch_id")), index
+    except JobError:
+        return None
 
 
 def _batch_keys(batch_id: str) -> list[str]:
@@ -270,7 +295,9 @@ class Ledger:
 
     def finish(self, job_batch_id: str, index: int, outcome: str, reason: dict | None = None,
                tier: str = "any") -> bool:
-        """Record a job's final outcome once. Returns False if it was already final."""
+        """Record a job's final outcome once. Returns False if it was already final.
+
+        `tier` counts only for a stored job without one: the stored job's tier is the truth."""
         if outcome not in ("done", "failed"):
             raise LedgerError(f"bad outcome {outcome}")
         reason_json = json.dumps(reason or {}, separators=(",", ":"))
@@ -279,6 +306,22 @@ class Ledger:
         if n == -1:
             raise LedgerError(f"no job {index} in batch {job_batch_id}")
         return n == 1
+
+    def fail_invalid(self, raw_job, reason: dict) -> bool:
+        """Fail the job an invalid message names, if it names one of a batch on record that is not
+        final yet. False when it names none: the caller records the message as rejected instead."""
+        ref = job_ref(raw_job)
+        if ref is None:
+            return False
+        try:
+            return self.finish(ref[0], ref[1], "failed", reason)
+        except LedgerError:
+            return False  # no such batch or job: the message is junk, not a job
+
+    def state(self, batch_id: str, index: int) -> str | None:
+        """running, done, failed or cancelled; None while queued (or when there is no such job)."""
+        raw = self.redis.hget(keys.batch_states(check_id(batch_id)), index)
+        return raw.decode() if raw is not None else None
 
     def running_jobs(self, batch_id: str) -> dict[int, str]:
         raw = self.redis.hgetall(keys.batch_running(check_id(batch_id)))

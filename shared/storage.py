@@ -74,6 +74,10 @@ class S3Storage:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        # botocore logs each request's headers at DEBUG, and the Authorization header names the
+        # access key id: keep its loggers at INFO or above, whatever level the process logs at.
+        botocore_log = logging.getLogger("botocore")
+        botocore_log.setLevel(max(logging.INFO, botocore_log.level))
         # Our own retry loop (put_with_retry) spans outages; botocore's stays short so one
         # attempt fails fast instead of hanging.
         self.client = client or boto3.client(

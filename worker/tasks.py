@@ -2,7 +2,9 @@
 
 Every job ends in the ledger as done (its PNG and sidecar stored) or failed with a reason. The
 Celery task then reports FAILURE for a failed job (never success), and the message is acked
-only after that record is written.
+only after that record is written. An error that is not the job's fault (Redis gone for longer
+than the client retries, a bug) hands the message back to the queue instead of acking it; the
+ledger's attempt count (`ledger.MAX_ATTEMPTS`) stops a job that fails that way every time.
 """
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import json
 import logging
 import time
 
-from celery.exceptions import SoftTimeLimitExceeded
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import Reject, SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from shared import keys, registry
-from shared.ledger import Ledger, LedgerError
+from shared.ledger import FINAL_STATES, MAX_ATTEMPTS, Ledger
 from shared.profiles import work_units
 from shared.redis_conn import connect
-from shared.schema import WIRE_MAX_BYTES, Job, JobError, check_id
+from shared.schema import WIRE_MAX_BYTES, Job, JobError
 from shared.storage import StorageError, open_storage, put_with_retry, result_name
 from worker import boot, metrics
 from worker.app import app, settings
@@ -56,30 +60,11 @@ def reject_message(reason: str, detail: dict) -> None:
     log.warning("rejected a message: %s", reason)
 
 
-def _job_ref(raw):
-    """(batch_id, index, tier) from an invalid message, when it names a job well enough to fail it."""
-    if not isinstance(raw, dict):
-        return None
-    try:
-        batch_id = check_id(raw.get("batch_id"))
-        index = raw.get("index")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            return None
-        tier = raw.get("tier") if isinstance(raw.get("tier"), str) else "any"
-        return batch_id, index, check_id(tier, "tier")
-    except JobError:
-        return None
-
-
 def _fail_invalid(raw, reason: dict, task_id: str) -> None:
-    ref = _job_ref(raw)
-    if ref is not None:
-        try:
-            if _ledger().finish(ref[0], ref[1], "failed", reason, tier=ref[2]):
-                return
-        except LedgerError:
-            pass  # the batch it names does not exist: record the message below instead
-    reject_message(reason["message"], {"task_id": task_id, "field": reason.get("field", "")})
+    """Fail the job an invalid message names, or record the message as rejected when it names none
+    (or one already final: a message is never counted twice)."""
+    if not _ledger().fail_invalid(raw, reason):
+        reject_message(reason["message"], {"task_id": task_id, "field": reason.get("field", "")})
 
 
 def _decode(args, kwargs) -> Job:
@@ -109,6 +94,24 @@ def sidecar(job: Job, render_facts: dict, render_s: float) -> dict:
 
 
 def run_job(task_id: str, args, kwargs) -> dict:
+    """Render one job. Raises JobFailed (reason stored) or Reject (message handed back)."""
+    try:
+        return _run_job(task_id, args, kwargs)
+    except JobFailed:
+        raise
+    except SoftTimeLimitExceeded:
+        # Outside the render itself (an upload retrying, say): the job is failed all the same.
+        reason = {"kind": "time-limit", "message": "the job exceeded its soft time limit",
+                  "worker": boot.STATE.name}
+        if not _ledger().fail_invalid(kwargs.get("job") if isinstance(kwargs, dict) else None, reason):
+            log.warning("soft time limit of %s not recorded: its job is unknown or already final", task_id)
+        raise JobFailed(f"job message {task_id}: time-limit: {reason['message']}") from None
+    except Exception as exc:  # not the job's fault, or not known to be: hand it back, never drop it
+        log.exception("job message %s hit an internal error; handing it back to the queue", task_id)
+        raise Reject(f"{type(exc).__name__}: {exc}"[:500], requeue=True) from None
+
+
+def _run_job(task_id: str, args, kwargs) -> dict:
     try:
         job = _decode(args, kwargs)
     except JobError as exc:
@@ -122,7 +125,9 @@ def run_job(task_id: str, args, kwargs) -> dict:
         reject_message(f"job {job.id} is not a job of any batch on record", {"task_id": task_id})
         raise JobFailed(f"job {job.id}: not on record")
     if state == "exhausted":
-        reason = {"kind": "worker-lost", "message": "the worker rendering this job died on every attempt"}
+        reason = {"kind": "worker-lost", "worker": boot.STATE.name,
+                  "message": f"started {MAX_ATTEMPTS} times and never finished: the worker rendering it "
+                             "died (or hit an internal error) on every attempt"}
         ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier)
         raise JobFailed(f"job {job.id}: {reason['message']}")
     if state != "run":
@@ -140,6 +145,12 @@ def run_job(task_id: str, args, kwargs) -> dict:
         except Exception as exc:  # a render error fails this job with its reason, never the worker
             log.exception("job %s failed while rendering", job.id)
             raise _Failure("render-error", f"{type(exc).__name__}: {exc}") from None
+        if ledger.state(job.batch_id, job.index) in FINAL_STATES:
+            # A second delivery of this job (a restored message) finished it meanwhile: its stored
+            # result stays as it is, rather than being overwritten by this render.
+            log.warning("job %s was finished by another delivery while this one rendered; not stored again",
+                        job.id)
+            return {"job_id": job.id, "skipped": "finished-elsewhere"}
         record = sidecar(job, result.facts, result.render_s)
         try:
             put_with_retry(_storage(), result_name(job.batch_id, job.index, "png"), result.png, "image/png",
@@ -151,11 +162,14 @@ def run_job(task_id: str, args, kwargs) -> dict:
             raise _Failure("upload", str(exc)) from None
     except _Failure as failure:
         reason = {"kind": failure.kind, "message": failure.message[:2000], "worker": boot.STATE.name}
-        ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier)
-        registry.record_job(_redis(), boot.STATE.name, "failed", None)
-        metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
+        if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier):
+            registry.record_job(_redis(), boot.STATE.name, "failed", None)
+            metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
         raise JobFailed(f"job {job.id}: {failure.kind}: {failure.message}"[:2000]) from None
-    ledger.finish(job.batch_id, job.index, "done", tier=job.tier)
+    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier):
+        # Another delivery of this job finished it first; the job counts once, and so does its render.
+        log.warning("job %s was already final; this render (stored at the same key) is not counted again", job.id)
+        return {"job_id": job.id, "skipped": "finished-elsewhere"}
     _note_render_facts(b, record)
     registry.record_job(_redis(), boot.STATE.name, "done", result.render_s,
                         work_units(job.spec.pixels, job.spec.steps))
@@ -181,21 +195,33 @@ class _Failure(Exception):
 
 
 class RenderRequest(Request):
-    """Runs in the parent: a job killed by its hard time limit is failed with that reason."""
+    """Runs in the parent: a job killed by its hard time limit is failed with that reason, and a
+    message that failed outside `run_job` is failed or rejected visibly, not dropped."""
+
+    def _named_job(self):
+        return self.kwargs.get("job") if isinstance(self.kwargs, dict) else None
 
     def on_timeout(self, soft, timeout):
-        super().on_timeout(soft, timeout)
-        if soft:
-            return
-        job = (self.kwargs or {}).get("job") if isinstance(self.kwargs, dict) else None
-        ref = _job_ref(job)
-        if ref is not None:
+        # During a cold shutdown Celery cancels jobs to hand them back: that is no time limit.
+        if not soft and not worker_state.should_terminate:
+            # Recorded before Celery acks the message: once acked, the record is all that is left.
             reason = {"kind": "time-limit", "message": f"hard time limit of {timeout:g} s exceeded",
                       "worker": boot.STATE.name}
-            try:
-                _ledger().finish(ref[0], ref[1], "failed", reason, tier=ref[2])
-            except LedgerError as exc:
-                log.warning("time limit of %s not recorded: %s", self.id, exc)
+            if not _ledger().fail_invalid(self._named_job(), reason):
+                log.warning("time limit of %s not recorded: its job is unknown or already final", self.id)
+        super().on_timeout(soft, timeout)
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # billiard wraps exceptions from the pool
+        # JobFailed: recorded by run_job. Reject: handed back. The others are Celery's own paths
+        # (worker lost: requeued; time limit: on_timeout; terminated: cold shutdown hands it back).
+        if not isinstance(exc, (JobFailed, Reject, WorkerLostError, TimeLimitExceeded, Terminated,
+                                SystemExit, KeyboardInterrupt, MemoryError)):
+            reason = {"kind": "invalid", "field": "message",
+                      "message": f"the task failed before it ran: {type(exc).__name__}: {exc}"[:1000]}
+            _fail_invalid(self._named_job(), reason, self.id)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 @app.task(name="zfarm.render", bind=True, acks_late=True, reject_on_worker_lost=True,

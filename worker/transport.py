@@ -1,9 +1,18 @@
 """kombu's Redis transport, hardened against junk in the queues.
 
-Stock kombu parses each BRPOPed item as a JSON envelope inside its event loop; an item that is
-not JSON, or JSON without the envelope's fields, raises there and takes the whole worker down
-("Unrecoverable error"). Anyone who can write to Redis could stop the farm that way. Here such an
-item is recorded in the ledger's rejected list with its reason and dropped, and the worker goes on.
+Stock kombu parses each BRPOPed item as a JSON envelope inside its event loop, and Celery then
+trusts the envelope's shape: an item that is not JSON, a `task` header that is a list, a
+`delivery_tag` that is an object, a body that is not `[args, kwargs, embed]` raises there and takes
+the whole worker down ("Unrecoverable error"), and kombu puts the message back for the next worker
+to die on. Other shapes are dropped without a trace in the pool, or run what a queue writer chose
+(callbacks, chains, other tasks). Anyone who can write to Redis could stop the farm that way.
+
+So every item is checked here against the one message zfarm sends (`shared.wire`): JSON only,
+the `zfarm.render` task, known headers of the right types (a time limit is capped below the
+visibility timeout), a body of exactly `[[], {"job": ...}, {}]`. An item that fails is never delivered: when
+its body names a job of a batch on record, that job is failed with the reason; otherwise the item
+is recorded in the ledger's rejected list. Either way the worker goes on. The job inside a valid
+envelope is validated again by the task (`Job.from_wire`).
 """
 from __future__ import annotations
 
@@ -11,33 +20,167 @@ import base64
 import binascii
 import json
 import logging
-import time
+import math
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
-from shared import keys
+from shared.ledger import Ledger
+from shared.wire import RENDER_TASK
 
 log = logging.getLogger(__name__)
 
+# Items above this are not opened at all; a valid job message is under 100 KB (the job itself is at
+# most schema.WIRE_MAX_BYTES), so nothing this large can be one.
+ITEM_MAX_BYTES = 4 * 1024 * 1024
+# Time limits are capped at this share of the visibility timeout: kombu restores a message unacked
+# for longer than that timeout, and a job must be killed (and its message acked) before then.
+TIME_LIMIT_SHARE_OF_VISIBILITY = 0.9
+ID_MAX_CHARS = 255
+REPR_MAX_CHARS = 10_000
+ENVELOPE_KEYS = {"body", "content-encoding", "content-type", "headers", "properties"}
+PROPERTY_KEYS = {"correlation_id", "reply_to", "delivery_mode", "delivery_info", "priority",
+                 "body_encoding", "delivery_tag"}
+# Celery's task protocol 2 headers, and `redelivered`, which kombu and our sweep add on restore.
+HEADER_KEYS = {"lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+               "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
+               "replaced_task_nesting", "stamped_headers", "stamps", "redelivered"}
+EMBED_KEYS = {"callbacks", "errbacks", "chain", "chord"}
 
-def envelope_problem(payload) -> str | None:
-    """Why `payload` is not a kombu envelope kombu can build a Message from, or None if it is."""
+
+class Refused(ValueError):
+    """Raised when a queue item is not a zfarm job message; the text says why."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_text(headers: dict, name: str, max_chars: int) -> None:
+    value = headers.get(name)
+    if value is not None and (not isinstance(value, str) or len(value) > max_chars):
+        raise Refused(f"header {name} must be null or a string of at most {max_chars} characters")
+
+
+def _check_time_limit(headers: dict, max_s: float) -> None:
+    """Refuse a time limit Celery cannot use; cap one longer than `max_s` (in place)."""
+    value = headers.get("timelimit")
+    if value is None:
+        return
+    if not isinstance(value, list) or len(value) != 2:
+        raise Refused("header timelimit must be [hard, soft] (numbers or null)")
+    for limit in value:
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+            raise Refused(f"header timelimit holds {limit!r:.40}, not a finite number")
+        if limit <= 0:
+            raise Refused(f"header timelimit {limit:g} s is not positive")
+    # A job allowed to run past the visibility timeout would be delivered again while it still runs.
+    # The producer's profile table may be older or newer than this worker's: this worker's wins.
+    headers["timelimit"] = [None if limit is None else min(limit, max_s) for limit in value]
+
+
+def check_envelope(payload, max_time_limit_s: float) -> None:
+    """Raise Refused unless `payload` is a zfarm render message Celery can take without harm.
+    A time limit over `max_time_limit_s` is lowered to it in `payload`."""
     if not isinstance(payload, dict):
-        return f"envelope is a JSON {type(payload).__name__}, not an object"
+        raise Refused(f"envelope is a JSON {type(payload).__name__}, not an object")
+    unknown = sorted(set(payload) - ENVELOPE_KEYS)
+    if unknown:
+        raise Refused(f"envelope has unknown key {unknown[0]!r:.40}")
+    if payload.get("content-type") != "application/json":
+        raise Refused(f"content type {payload.get('content-type')!r:.60} refused: JSON only")
+    if payload.get("content-encoding") != "utf-8":
+        raise Refused(f"content encoding {payload.get('content-encoding')!r:.40} refused: utf-8 only")
+
     properties = payload.get("properties")
-    if not isinstance(properties, dict) or "delivery_tag" not in properties:
-        return "envelope has no properties.delivery_tag"
-    if not isinstance(properties.get("delivery_info", {}), dict):
-        return "envelope's properties.delivery_info is not an object"
-    body = payload.get("body")
-    if body and properties.get("body_encoding") == "base64":
-        try:
-            base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            return "envelope body is not valid base64"
-    return None
+    if not isinstance(properties, dict):
+        raise Refused("envelope has no properties object")
+    unknown = sorted(set(properties) - PROPERTY_KEYS)
+    if unknown:
+        raise Refused(f"envelope has unknown property {unknown[0]!r:.40}")
+    tag = properties.get("delivery_tag")
+    if not isinstance(tag, str) or not 0 < len(tag) <= ID_MAX_CHARS:
+        raise Refused("envelope's properties.delivery_tag is not a short string")
+    if properties.get("body_encoding") != "base64":
+        raise Refused("envelope's properties.body_encoding is not base64")
+    delivery_info = properties.get("delivery_info", {})
+    if not isinstance(delivery_info, dict) or not all(
+            isinstance(delivery_info.get(k, ""), str) for k in ("exchange", "routing_key")) \
+            or not isinstance(delivery_info.get("redelivered", False), bool):
+        raise Refused("envelope's properties.delivery_info is not {exchange, routing_key} strings")
+    priority = properties.get("priority", 0)
+    if not _is_int(priority) or not 0 <= priority <= 255:
+        raise Refused("envelope's properties.priority is not an integer in [0, 255]")
+    if not _is_int(properties.get("delivery_mode", 2)):
+        raise Refused("envelope's properties.delivery_mode is not an integer")
+    for name in ("correlation_id", "reply_to"):
+        _optional_text(properties, name, ID_MAX_CHARS)
+
+    headers = payload.get("headers")
+    if not isinstance(headers, dict):
+        raise Refused("envelope has no headers object")
+    unknown = sorted(set(headers) - HEADER_KEYS)
+    if unknown:
+        raise Refused(f"message has unknown header {unknown[0]!r:.40}")
+    if headers.get("task") != RENDER_TASK:
+        raise Refused(f"message names an unknown task {headers.get('task')!r:.60}: only {RENDER_TASK} "
+                      "runs from zfarm queues")
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= ID_MAX_CHARS:
+        raise Refused("header id is not a short string")
+    for name in ("shadow", "group", "root_id", "parent_id"):
+        _optional_text(headers, name, ID_MAX_CHARS)
+    for name in ("argsrepr", "kwargsrepr", "origin"):
+        _optional_text(headers, name, REPR_MAX_CHARS)
+    if headers.get("lang", "py") != "py":
+        raise Refused("header lang is not py")
+    # zfarm never schedules (eta, expires), stamps or groups: they would only open more paths in Celery.
+    for name in ("eta", "expires", "group_index", "stamped_headers"):
+        if headers.get(name) is not None:
+            raise Refused(f"header {name} must be null")
+    if headers.get("stamps") not in (None, {}):
+        raise Refused("header stamps must be empty")
+    for name in ("retries", "replaced_task_nesting"):
+        value = headers.get(name, 0)
+        if not _is_int(value) or value < 0:
+            raise Refused(f"header {name} is not a non-negative integer")
+    for name in ("ignore_result", "redelivered"):
+        if headers.get(name) is not None and not isinstance(headers.get(name), bool):
+            raise Refused(f"header {name} is not a boolean")
+    _check_time_limit(headers, max_time_limit_s)
+
+    args, kwargs, embed = decode_body(payload)
+    if args != [] or not isinstance(kwargs, dict) or set(kwargs) != {"job"}:
+        raise Refused("body is not [[], {\"job\": ...}, {...}]: no positional arguments, one keyword 'job'")
+    if embed is not None and (not isinstance(embed, dict) or set(embed) - EMBED_KEYS
+                              or any(v is not None for v in embed.values())):
+        raise Refused("body asks for callbacks, chains or chords, which zfarm never sends")
+
+
+def decode_body(payload) -> tuple:
+    """(args, kwargs, embed) from the envelope's base64 JSON body; Refused when it is not that."""
+    body = payload.get("body") if isinstance(payload, dict) else None
+    if not isinstance(body, str):
+        raise Refused("envelope body is not a string")
+    try:
+        decoded = json.loads(base64.b64decode(body, validate=True).decode("utf-8"))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise Refused(f"body is not base64 JSON: {type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(decoded, list) or len(decoded) != 3:
+        raise Refused("body is not a JSON array of [args, kwargs, embed]")
+    return tuple(decoded)
+
+
+def named_job(payload):
+    """The `job` object a refused envelope's body carries, if its body can be read as JSON at all
+    (whatever content type it claims: JSON is parsed, never anything else)."""
+    try:
+        _args, kwargs, _embed = decode_body(payload)
+    except Refused:
+        return None
+    return kwargs.get("job") if isinstance(kwargs, dict) else None
 
 
 class Channel(kombu_redis.Channel):
@@ -53,13 +196,17 @@ class Channel(kombu_redis.Channel):
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            payload = None
             try:
-                payload = loads(bytes_to_str(item))
-                problem = envelope_problem(payload)
-            except (ValueError, TypeError, UnicodeDecodeError) as exc:
-                problem = f"queue item is not JSON: {exc}"
-            if problem:
-                self._reject_item(dest, item, problem)
+                if len(item) > ITEM_MAX_BYTES:
+                    raise Refused(f"queue item is {len(item)} bytes; a job message is far smaller")
+                try:
+                    payload = json.loads(item)
+                except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                    raise Refused(f"queue item is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
+                check_envelope(payload, self.visibility_timeout * TIME_LIMIT_SHARE_OF_VISIBILITY)
+            except Refused as refusal:
+                self._refuse_item(dest, item, payload, str(refusal))
                 return True
             self.connection._deliver(payload, dest)
             return True
@@ -67,13 +214,16 @@ class Channel(kombu_redis.Channel):
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _reject_item(self, queue: str, item, problem: str) -> None:
-        record = json.dumps({"at": time.time(), "reason": problem, "queue": queue,
-                             "body_prefix": repr(item[:200])})
-        log.warning("dropped a queue item from %s: %s", queue, problem)
+    def _refuse_item(self, queue: str, item: bytes, payload, problem: str) -> None:
+        """Fail the job a refused item names, or else record the item as rejected."""
         with self.conn_or_acquire() as client:
-            client.lpush(keys.REJECTED, record)
-            client.ltrim(keys.REJECTED, 0, keys.REJECTED_MAX - 1)
+            ledger = Ledger(client)
+            reason = {"kind": "invalid", "field": "message", "message": problem}
+            if ledger.fail_invalid(named_job(payload), reason):
+                log.warning("failed the job named by a queue item from %s: %s", queue, problem)
+                return
+            ledger.reject(problem, {"queue": queue, "body_prefix": repr(item[:200])})
+        log.warning("dropped a queue item from %s: %s", queue, problem)
 
 
 class Transport(kombu_redis.Transport):
