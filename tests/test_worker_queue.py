@@ -106,3 +106,10 @@ def test_a_worker_whose_model_cannot_be_found_stops_at_boot_with_a_clear_message
     out = worker.output()
     assert "no-such-model" in out and "ZFARM_MODEL" in out and "model_index.json" in out
     assert registry.live_workers(redis_client) == []
+
+
+def test_two_workers_of_one_class_on_one_host_get_different_names(start_worker, file_storage_url):
+    first = start_worker(file_storage_url, SIMULATE)
+    second = start_worker(file_storage_url, SIMULATE)
+    assert first.registration["name"] != second.registration["name"]
+    assert second.registration["name"].startswith("zimage-cpu-2@")

@@ -110,6 +110,18 @@ def registration(settings) -> dict:
     }
 
 
+def free_default_name(settings, boot) -> str:
+    """`zimage-<class>@<host>`, or `zimage-<class>-2@<host>`... when a live worker holds it: two
+    workers under one name would overwrite each other's registration and hand back each other's jobs."""
+    label = profiles.class_label(boot.vram_class)
+    client = connect(settings.redis_url)
+    for n in range(1, 100):
+        name = f"zimage-{label}{'' if n == 1 else f'-{n}'}@{boot.host}"
+        if not registry.is_alive(client, name):
+            return name
+    raise SystemExit(f"zfarm worker cannot start: 99 live workers already named zimage-{label}-N@{boot.host}")
+
+
 def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     from worker.app import settings, table
 
@@ -134,7 +146,7 @@ def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
         instance.hostname = settings.worker_name if "@" in settings.worker_name \
             else f"{settings.worker_name}@{boot.host}"
     elif default_name:
-        instance.hostname = f"zimage-{profiles.class_label(boot.vram_class)}@{boot.host}"
+        instance.hostname = free_default_name(settings, boot)
     STATE.name = instance.hostname
     from worker import metrics
 
