@@ -128,8 +128,8 @@ def test_an_unreachable_model_gives_a_clear_error_and_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.startswith("zfarm fetch-model: error: ")
-    assert "tried Hugging Face 'zfarm-test/no-such-model' (HF_HUB_OFFLINE=1)" in done.stderr
-    assert "point ZFARM_MODEL at that local folder" in done.stderr
+    assert "Hugging Face Hub 'zfarm-test/no-such-model' (HF_HUB_OFFLINE=1, cache only" in done.stderr
+    assert "Point ZFARM_MODEL at a local folder" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -13,21 +13,20 @@ Each component has a placement:
                  CUDA stream while the current one computes (a pinned second host copy is kept)
   stream_lowmem  the same, pinning on the fly instead of keeping a pinned copy (less host RAM, slower)
   fp8_stream     fp8 storage and streamed: half the bytes to copy and to pin
+  fp8_stream_lowmem  fp8 storage, streamed, pinning on the fly
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
 VAE_TILE_PX = 512
-PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream")
+PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
 RECIPES = ("", "model_offload", "sequential", "cpu")
+CPU_PROFILE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -89,9 +88,14 @@ SPECS: dict[str, Spec] = {
                          transformer="stream", text_encoder="stream", vae_tiling=True),
     "group_stream_lowmem": Spec("group_stream pinning on the fly (no pinned host copies): least host RAM",
                                 transformer="stream_lowmem", text_encoder="stream_lowmem", vae_tiling=True),
-    "group_stream_fp8": Spec("DiT and text encoder stored in fp8 and streamed block by block: half the bytes "
-                             "to copy and pin", transformer="fp8_stream", text_encoder="fp8_stream",
-                             vae_tiling=True),
+    # Two blocks per group and record_stream (no host sync after each group) measured 2.06 s/img
+    # against 2.66 with one block and syncs, for 1.6 GiB more reserved VRAM (still far under 7 GiB).
+    "group_stream_fp8": Spec("DiT and text encoder stored in fp8 and streamed two blocks at a time: half the "
+                             "bytes to copy and pin", transformer="fp8_stream", text_encoder="fp8_stream",
+                             vae_tiling=True, blocks_per_group=2, record_stream=True),
+    "group_stream_fp8_lowmem": Spec("group_stream_fp8 pinning on the fly (no pinned host copies): less host RAM",
+                                    transformer="fp8_stream_lowmem", text_encoder="fp8_stream_lowmem",
+                                    vae_tiling=True, blocks_per_group=2, record_stream=True),
     "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
                           "(the common recipe, for comparison)", recipe="model_offload"),
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
@@ -132,7 +136,7 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
     import torch
     from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
 
-    if placement in ("fp8", "fp8_stream"):
+    if placement.startswith("fp8"):
         # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                 skip_modules_pattern=_skip_patterns(module))
@@ -142,7 +146,7 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
     apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=spec.blocks_per_group,
                            use_stream=True, record_stream=spec.record_stream,
-                           low_cpu_mem_usage=placement == "stream_lowmem")
+                           low_cpu_mem_usage=placement.endswith("_lowmem"))
 
 
 def _skip_patterns(module) -> tuple[str, ...]:

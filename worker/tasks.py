@@ -84,11 +84,13 @@ def _decode(args, kwargs) -> Job:
 def sidecar(job: Job, render_facts: dict, render_s: float) -> dict:
     b = boot.STATE.boot
     facts = dict(render_facts)
+    # The renderer knows the resolved folder; the sidecar names the model as the user gave it.
+    facts.pop("model", None)
     return {
         **job.spec.to_dict(), "batch_id": job.batch_id, "index": job.index, "job_id": job.id,
         "priority": job.priority, "worker": boot.STATE.name, "host": b.host, "gpu": b.gpu,
         "vram_class": b.vram_class, "profile": facts.pop("profile", b.choice.profile),
-        "model": settings.model, "versions": boot.versions(), "render_s": round(render_s, 3),
+        "model": settings.model, "model_path": boot.STATE.model_path, "versions": boot.versions(), "render_s": round(render_s, 3),
         "simulated": bool(facts.pop("simulated", False)), "finished_at": time.time(), **facts,
     }
 

@@ -61,8 +61,8 @@ def _tokenizer(path: Path):
     return fast
 
 
-def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels: list, vocab: int | None,
-           dtype, device: str) -> dict:
+def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels: list, vae_layers: int,
+           vocab: int | None, dtype, device: str) -> dict:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -80,7 +80,7 @@ def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels:
         # sample_size 1024 as in the published VAE config: it sets the VAE's tile size when tiling is on.
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=vae_channels, layers_per_block=2,
+            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=vae_channels, layers_per_block=vae_layers,
             latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611,
             shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True).to(dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -101,7 +101,7 @@ def build_tiny(out: str | Path) -> dict:
     """Write the tiny random pipeline (float32, seeded) to `out`; returns a summary."""
     import torch
 
-    return _build(out, TINY_TRANSFORMER, TINY_TEXT_ENCODER, TINY_VAE_CHANNELS, None, torch.float32, "cpu")
+    return _build(out, TINY_TRANSFORMER, TINY_TEXT_ENCODER, TINY_VAE_CHANNELS, 1, None, torch.float32, "cpu")
 
 
 def build_full(out: str | Path, device: str | None = None) -> dict:
@@ -110,7 +110,7 @@ def build_full(out: str | Path, device: str | None = None) -> dict:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = _build(out, FULL_TRANSFORMER, FULL_TEXT_ENCODER, FULL_VAE_CHANNELS, FULL_VOCAB, torch.bfloat16, device)
+    summary = _build(out, FULL_TRANSFORMER, FULL_TEXT_ENCODER, FULL_VAE_CHANNELS, 2, FULL_VOCAB, torch.bfloat16, device)
     if device == "cuda":
         torch.cuda.empty_cache()
     return summary

@@ -1,0 +1,510 @@
+"""Benchmark of the memory/offload profiles on a GPU (a measuring tool, not a test).
+
+It builds the full-size random-weight Z-Image pipeline once (`worker.tiny.build_full`, same compute and
+memory as the real model, images are noise), then measures one profile per fresh process, under an
+allocator cap (`torch.cuda.set_per_process_memory_fraction`) that plays a smaller card, with the
+worker's own loading and profile code (`worker.pipeline`, `worker.offload`):
+
+  load_s, first_s (first call, compilation included), s_per_image (median of >= 3 warm 1024x1024
+  8-step images), peak allocated/reserved VRAM over load + all 1024x1024 calls, peak host RSS, and
+  max_pixels: the largest square side (1280..2048) that renders in 1 step with peak reserved VRAM at
+  least HEADROOM_GIB under the cap (compiled blocks run eagerly for these probes, so that each size
+  does not recompile; eager needs at least the memory of the compiled code).
+
+  python -m bench.profiles build DIR
+  python -m bench.profiles run DIR PROFILE [--cap-gib N] [--set key=value ...] --jsonl FILE
+  python -m bench.profiles matrix DIR "PROFILE@CAP[+key=value...]" ... --jsonl FILE [--deadline-s S]
+  python -m bench.profiles smoke            # every profile on the tiny pipeline (catches errors cheaply)
+  python -m bench.profiles worker-check DIR --vram-class N --table T --jsonl FILE
+  python -m bench.profiles table FILE.jsonl ... [--out bench/results/profile_table.json]
+
+`bench/run_gpu.sh` wraps these for the device machine. Runs with `--set` overrides are exploration:
+they stay in the raw JSONL but never enter the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from shared import profiles as table_rules  # noqa: E402  (no torch: safe at import)
+
+RESULTS = ROOT / "bench" / "results"
+TABLE_PATH = RESULTS / "profile_table.json"
+PACKAGED_LINK = ROOT / "shared" / "profile_table.json"
+SIZE_PX = 1024
+STEPS = 8
+PROBE_SIDES_PX = (1280, 1536, 1792, 2048)
+PROBE_STEPS = 1
+WARM_IMAGES = 3
+# ~100 caption tokens with the chat template, about what a real prompt gives (the pipeline drops padding).
+PROMPT = ("a cinematic photo of an old man with a red lantern on a stone bridge in a chinese traditional "
+          "garden at night , rain and fog , neon light on the river , soft shadow , high definition 8k "
+          "detailed , lens bokeh , studio light , the moon and a star in the sky , a temple on the mountain "
+          "with snow , a green tree and a red flower in the garden , watercolor and ink style , gold and "
+          "silver glass , a girl and a boy with a cat and a dog on the street of the city at sunset")
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def _gib(n_bytes: float) -> float:
+    return round(n_bytes / 2**30, 2)
+
+
+def _host_peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # ru_maxrss is KiB on Linux
+
+
+def _driver() -> str:
+    try:
+        import pynvml
+    except ImportError:
+        return ""
+    pynvml.nvmlInit()
+    try:
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _environment() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "driver": _driver() if cuda else "",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """key=value pairs for worker.offload.Spec fields (ints and booleans parsed)."""
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if value.isdigit():
+            out[key] = int(value)
+        elif value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = value
+    return out
+
+
+class StageClock:
+    """Times the text encoder and the VAE decode of each call (device-synchronised at their edges);
+    the rest of a call is the DiT loop. Wraps the pipeline instance's methods, not the classes."""
+
+    def __init__(self, pipe, sync):
+        self.sync = sync
+        self.text_s = self.vae_s = 0.0
+        self._wrap(pipe, "encode_prompt", "text_s")
+        self._wrap(pipe.vae, "decode", "vae_s")
+
+    def _wrap(self, owner, method: str, slot: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.sync()
+            setattr(self, slot, getattr(self, slot) + time.perf_counter() - t0)
+            return out
+
+        setattr(owner, method, timed)
+
+    def reset(self) -> None:
+        self.text_s = self.vae_s = 0.0
+
+
+def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict, n: int, size: int, steps: int,
+            probe_sides: tuple, device: str = "cuda") -> dict:
+    """Measure one profile in this process. Returns the run record (ok False with the error on failure)."""
+    if device == "cuda":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+    import torch
+
+    from worker import offload, pipeline
+    from worker.diffusion import is_out_of_memory
+
+    record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
+              "first_s": None, "load_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
+              "host_rss_gib": None, "max_pixels": None, "size": size, "steps": steps, "n": n,
+              "overrides": overrides or {}, **_environment()}
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda and cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+    stage = "load"
+    try:
+        t0 = time.perf_counter()
+        applied = profile if cuda else offload.CPU_PROFILE
+        dtype = torch.float32 if applied == offload.CPU_PROFILE else pipeline.default_dtype(device)
+        pipe = pipeline.load_pipeline(model_dir, dtype, gpu_components=offload.gpu_components(applied, overrides)
+                                      if cuda else (), device=device)
+        spec = offload.apply_profile(pipe, applied, device, overrides)
+        pipe.set_progress_bar_config(disable=True)
+        sync()
+        record["load_s"] = round(time.perf_counter() - t0, 2)
+        record["host_rss_after_load_gib"] = _host_peak_rss_gib()
+        record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
+        clock = StageClock(pipe, sync)
+
+        def call(seed: int, side: int, n_steps: int) -> float:
+            sync()
+            t = time.perf_counter()
+            pipe(prompt=PROMPT, height=side, width=side, num_inference_steps=n_steps, guidance_scale=0.0,
+                 generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+            sync()
+            return time.perf_counter() - t
+
+        stage = "first call"
+        record["first_s"] = round(call(0, size, steps), 2)
+        stage = "warm calls"
+        times, text_s, vae_s = [], [], []
+        for i in range(n):
+            clock.reset()
+            times.append(call(i + 1, size, steps))
+            text_s.append(clock.text_s)
+            vae_s.append(clock.vae_s)
+        record["s_per_call"] = [round(t, 3) for t in times]
+        record["s_per_image"] = round(statistics.median(times), 3)
+        median_text, median_vae = statistics.median(text_s), statistics.median(vae_s)
+        record["stages_s"] = {"text_encoder": round(median_text, 3), "vae_decode": round(median_vae, 3),
+                              "dit_loop": round(record["s_per_image"] - median_text - median_vae, 3)}
+        if cuda:
+            record["peak_alloc_gib"] = _gib(torch.cuda.max_memory_allocated())
+            record["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+        record["host_rss_gib"] = _host_peak_rss_gib()
+        record["ok"] = True
+        record["max_pixels"] = size * size
+        stage = "max_pixels probes"
+        record["probes"] = probe_max_pixels(pipe, call, cap_gib, probe_sides, spec.compile and cuda, record)
+    except (RuntimeError, MemoryError, ValueError) as exc:
+        oom = is_out_of_memory(exc)
+        message = " ".join(str(exc).split())[:500]
+        if stage == "max_pixels probes":
+            record["probe_error"] = f"{type(exc).__name__}: {message}"
+        else:
+            record["ok"] = False
+            record["error"] = f"{'out of memory' if oom else type(exc).__name__} during {stage}: {message}"
+    if cuda:
+        record["peak_reserved_any_gib"] = _gib(torch.cuda.max_memory_reserved())
+    record["host_rss_gib"] = _host_peak_rss_gib() if record["host_rss_gib"] is None else record["host_rss_gib"]
+    record["host_rss_end_gib"] = _host_peak_rss_gib()
+    return record
+
+
+def probe_max_pixels(pipe, call, cap_gib, sides, compiled: bool, record: dict) -> list[dict]:
+    """Try larger squares in ascending order (1 step each); stop at the first that fails or leaves less
+    than the chooser's headroom under the cap. Updates record["max_pixels"]."""
+    import contextlib
+
+    import torch
+
+    from worker.diffusion import is_out_of_memory
+
+    cuda = torch.cuda.is_available() and record["device"] != "cpu"
+    stance = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+    probes = []
+    with stance:
+        for side in sides:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            entry = {"side": side}
+            try:
+                entry["s"] = round(call(0, side, PROBE_STEPS), 2)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                entry["ok"] = False
+                entry["error"] = "out of memory"
+                probes.append(entry)
+                break
+            if cuda:
+                entry["peak_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+                entry["peak_alloc_gib"] = _gib(torch.cuda.max_memory_allocated())
+            fits = cap_gib is None or entry.get("peak_reserved_gib", 0) <= cap_gib - table_rules.HEADROOM_GIB
+            entry["ok"] = fits
+            probes.append(entry)
+            if not fits:
+                break
+            record["max_pixels"] = side * side
+    return probes
+
+
+def _append(path: str, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _summary(record: dict) -> str:
+    if not record.get("ok"):
+        return f"{record['profile']:28s} cap={record.get('cap_gib')}  FAILED: {str(record.get('error'))[:160]}"
+    stages = record.get("stages_s", {})
+    return (f"{record['profile']:28s} cap={record.get('cap_gib')!s:5s} s/img={record['s_per_image']:.3f} "
+            f"first={record['first_s']:.1f} load={record['load_s']:.1f} alloc={record['peak_alloc_gib']} "
+            f"reserved={record['peak_reserved_gib']} rss={record['host_rss_gib']} "
+            f"max_side={int((record.get('max_pixels') or 0) ** 0.5)} te={stages.get('text_encoder')} "
+            f"vae={stages.get('vae_decode')} {record.get('overrides') or ''}")
+
+
+def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
+    """PROFILE@CAP[+key=value...]; CAP is GiB or 'none'."""
+    head, *sets = item.split("+")
+    profile, _, cap = head.partition("@")
+    cap_gib = None if cap in ("", "none", "null") else float(cap)
+    return profile, cap_gib, sets
+
+
+def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int) -> None:
+    started = time.monotonic()
+    for item in plan:
+        profile, cap_gib, sets = parse_plan_item(item)
+        if time.monotonic() - started > deadline_s:
+            print(f"{item}: skipped (deadline {deadline_s:.0f} s reached)", flush=True)
+            continue
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+            cmd = [sys.executable, "-m", "bench.profiles", "run", model_dir, profile, "--n", str(n),
+                   "--result", result.name] + (["--cap-gib", str(cap_gib)] if cap_gib else [])
+            for s in sets:
+                cmd += ["--set", s]
+            t0 = time.monotonic()
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+                text = Path(result.name).read_text()
+                record = json.loads(text) if text.strip() else None
+                tail = (proc.stderr or "")[-1500:]
+                if record is None:
+                    record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
+                              "error": f"process exited {proc.returncode} without a result: {tail[-600:]}"}
+            except subprocess.TimeoutExpired:
+                record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
+                          "error": f"timed out after {timeout_s} s"}
+            record["wall_s"] = round(time.monotonic() - t0, 1)
+        _append(jsonl, record)
+        print(_summary(record), flush=True)
+
+
+def smoke(device: str) -> int:
+    """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process."""
+    import torch
+
+    from worker import offload, pipeline, tiny
+
+    failures = 0
+    with tempfile.TemporaryDirectory() as folder:
+        tiny.build_tiny(folder)
+        for name in offload.PROFILES:
+            if device != "cuda" and name != offload.CPU_PROFILE:
+                continue
+            t0 = time.perf_counter()
+            try:
+                dtype = torch.float32 if name == offload.CPU_PROFILE else pipeline.default_dtype(device)
+                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=offload.gpu_components(name), device=device)
+                spec = offload.apply_profile(pipe, name, device)
+                pipe.set_progress_bar_config(disable=True)
+                image = pipe(prompt="a cat", height=256, width=256, num_inference_steps=2, guidance_scale=0.0,
+                             generator=torch.Generator("cpu").manual_seed(0)).images[0]
+                status = f"ok {image.size} compile={spec.compile or '-'}"
+            except Exception as exc:  # a smoke test reports every failure and goes on to the next profile
+                failures += 1
+                status = f"FAILED {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            print(f"smoke {name:28s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
+            pipe = None
+            torch._dynamo.reset()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return 1 if failures else 0
+
+
+def worker_check(model_dir: str, vram_class: int, table_path: str, jsonl: str, ram_gib: float) -> dict:
+    """The worker's own renderer (worker.diffusion) on the chosen profile under the class's cap:
+    two 1024x1024 8-step jobs through DiffusionRenderer.render, as a Celery child would run them."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from shared.schema import JobSpec
+    from shared.settings import Settings
+    from worker.detect import BootInfo
+    from worker.diffusion import DiffusionRenderer
+
+    table = table_rules.load_table(table_path)
+    choice = table_rules.choose(table, vram_class, ram_gib)
+    cap = None if vram_class == max(table_rules.GPU_CLASSES) else table_rules.CLASS_CAPS_GIB[vram_class]
+    boot = BootInfo(host="bench", device="cuda", gpu="bench", vram_gib=float(vram_class), vram_class=vram_class,
+                    cap_gib=cap, compute_capability="", host_ram_gib=ram_gib, choice=choice)
+    renderer = DiffusionRenderer(Settings.from_env({}, model=model_dir), boot, table=table)
+    record = {"check": "worker", "vram_class": vram_class, "profile": choice.profile, "cap_gib": cap}
+    t0 = time.perf_counter()
+    renderer.load()
+    record["load_s"] = round(time.perf_counter() - t0, 1)
+    renders = []
+    for seed in (1, 2, 2):
+        result = renderer.render(JobSpec(prompt=PROMPT, width=SIZE_PX, height=SIZE_PX, steps=STEPS, seed=seed))
+        image = Image.open(io.BytesIO(result.png))
+        renders.append({"seed": seed, "render_s": round(result.render_s, 2), "size": list(image.size),
+                        "peak_vram_gib": result.facts["peak_vram_gib"], "profile": result.facts["profile"],
+                        "pixels_sha": hashlib.sha256(image.tobytes()).hexdigest()[:16],
+                        "has_parameters": "parameters" in image.text})
+    record["renders"] = renders
+    record["same_seed_same_pixels"] = renders[1]["pixels_sha"] == renders[2]["pixels_sha"]
+    record["downgrades"] = renderer.downgrades
+    record["host_rss_gib"] = _host_peak_rss_gib()
+    record.update({k: v for k, v in _environment().items() if k in ("device", "torch", "diffusers", "date")})
+    _append(jsonl, record)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def build_table(jsonl_paths: list[str], out: Path) -> dict:
+    """The chooser's table from raw runs: the latest run of each (profile, cap) whose applied spec is
+    the profile's current definition (a run made with --set overrides counts once the definition
+    adopts exactly those settings; runs of an older definition drop out). Failed runs stay in."""
+    from worker.offload import PROFILES, spec_for
+
+    def current(rec: dict) -> bool:
+        applied = rec.get("spec")
+        if applied is None:  # failed before the profile was applied: keep only plain attempts
+            return not rec.get("overrides")
+        defined = {k: v for k, v in vars(spec_for(rec["profile"])).items() if k != "description"}
+        return applied == defined
+
+    runs: dict = {}
+    env: dict = {}
+    for path in jsonl_paths:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("check") or rec.get("profile") not in PROFILES or not current(rec):
+                continue
+            runs[(rec["profile"], rec.get("cap_gib"))] = rec
+            if rec.get("ok"):
+                env = rec
+    keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
+            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n")
+    extra = ("stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
+    rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
+            for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
+    table = {"schema": 1,
+             "measured": {k: env.get(k) for k in ("device", "driver", "torch", "diffusers", "transformers", "date",
+                                                  "alloc_conf")} | {"size": SIZE_PX, "steps": STEPS,
+                                                                    "weights": "random (same architecture and "
+                                                                               "sizes as Z-Image-Turbo)"},
+             "profiles": dict(PROFILES), "runs": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def _link_packaged_table() -> None:
+    target = os.path.relpath(TABLE_PATH, PACKAGED_LINK.parent)
+    if PACKAGED_LINK.is_symlink() and os.readlink(PACKAGED_LINK) == target:
+        return
+    if PACKAGED_LINK.exists() or PACKAGED_LINK.is_symlink():
+        PACKAGED_LINK.unlink()
+    PACKAGED_LINK.symlink_to(target)
+
+
+def print_classes(table: dict) -> None:
+    for row in table_rules.class_table(table):
+        side = int((row.get("max_pixels") or 0) ** 0.5)
+        print(f"class {table_rules.class_label(row['vram_class']):4s} {str(row.get('profile')):28s} "
+              f"s/img={row.get('s_per_image')} reserved={row.get('peak_reserved_gib')} "
+              f"rss={row.get('host_rss_gib')} max_side={side} measured_cap={row.get('measured_cap_gib')}"
+              + (f" ({row['error'][:80]})" if row.get("error") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profiles", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="write the full-size random pipeline to DIR unless it is there")
+    p.add_argument("dir")
+    p = sub.add_parser("run", help="measure one profile in this process")
+    p.add_argument("dir")
+    p.add_argument("profile")
+    p.add_argument("--cap-gib", type=float)
+    p.add_argument("--set", action="append", default=[], help="override a profile field: key=value")
+    p.add_argument("--n", type=int, default=WARM_IMAGES)
+    p.add_argument("--size", type=int, default=SIZE_PX)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--jsonl")
+    p.add_argument("--result", help="write the record here (used by matrix)")
+    p = sub.add_parser("matrix", help="measure each PROFILE@CAP in a fresh process")
+    p.add_argument("dir")
+    p.add_argument("plan", nargs="+")
+    p.add_argument("--jsonl", required=True)
+    p.add_argument("--timeout-s", type=int, default=300)
+    p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
+    p.add_argument("--n", type=int, default=WARM_IMAGES)
+    p = sub.add_parser("smoke", help="every profile on the tiny pipeline, in one process")
+    p.add_argument("--device", default="cuda")
+    p = sub.add_parser("worker-check", help="the worker's renderer on the chosen profile under a class cap")
+    p.add_argument("dir")
+    p.add_argument("--vram-class", type=int, required=True)
+    p.add_argument("--table", default=str(TABLE_PATH))
+    p.add_argument("--jsonl", required=True)
+    p.add_argument("--ram-gib", type=float, default=32.0)
+    p = sub.add_parser("table", help="write the chooser's table from raw JSONL runs")
+    p.add_argument("jsonl", nargs="+")
+    p.add_argument("--out", default=str(TABLE_PATH))
+    p.add_argument("--link", action="store_true", help="also link shared/profile_table.json to it")
+    args = parser.parse_args(argv)
+
+    if args.command == "build":
+        from worker import tiny
+
+        if (Path(args.dir) / "model_index.json").exists():
+            print(json.dumps({"dir": args.dir, "cached": True}))
+            return 0
+        print(json.dumps(tiny.build_full(args.dir)), flush=True)
+        return 0
+    if args.command == "run":
+        record = measure(args.dir, args.profile, args.cap_gib, _parse_overrides(args.set), args.n, args.size,
+                         args.steps, PROBE_SIDES_PX, args.device)
+        if args.result:
+            Path(args.result).write_text(json.dumps(record))
+        if args.jsonl:
+            _append(args.jsonl, record)
+        print(_summary(record), flush=True)
+        return 0 if record["ok"] else 1
+    if args.command == "matrix":
+        run_matrix(args.dir, args.plan, args.jsonl, args.timeout_s, args.deadline_s, args.n)
+        return 0
+    if args.command == "smoke":
+        return smoke(args.device)
+    if args.command == "worker-check":
+        worker_check(args.dir, args.vram_class, args.table, args.jsonl, args.ram_gib)
+        return 0
+    if args.command == "table":
+        table = build_table(args.jsonl, Path(args.out))
+        if args.link:
+            _link_packaged_table()
+        print_classes(table)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Run the profile benchmark on a GPU machine, from the repository root.
+#
+#   bash bench/run_gpu.sh smoke                       # every profile on the tiny pipeline (seconds each)
+#   bash bench/run_gpu.sh build                       # full-size random pipeline, cached in $ZFARM_BENCH_DIR
+#   bash bench/run_gpu.sh matrix PROFILE@CAP ...      # each in a fresh process; CAP in GiB or "none"
+#   bash bench/run_gpu.sh worker CLASS ...            # worker.diffusion on the chosen profile under the class cap
+#   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
+#
+# Raw results append to $RESULTS_DIR/runs.jsonl (default bench/results; $OUT on the lent device machine).
+# Wheels in ./.whl (diffusers, importlib_metadata) are installed first where the machine lacks them.
+set -u
+if ls .whl/*.whl >/dev/null 2>&1; then
+  # Installed once per machine; later calls (and concurrent ones) reuse it.
+  if [ ! -f /tmp/site/.zfarm-installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && touch /tmp/site/.zfarm-installed || exit 1
+  fi
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DIR=${ZFARM_BENCH_DIR:-/tmp/zfarm-full}
+RESULTS_DIR=${RESULTS_DIR:-${OUT:-bench/results}}
+mkdir -p "$RESULTS_DIR"
+cmd=${1:-}; shift || true
+case "$cmd" in
+  smoke) python3 -m bench.profiles smoke ;;
+  build) python3 -m bench.profiles build "$DIR" ;;
+  matrix)
+    python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
+    python3 -m bench.profiles matrix "$DIR" "$@" --jsonl "$RESULTS_DIR/runs.jsonl" \
+      --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" ;;
+  worker)
+    for c in "$@"; do
+      python3 -m bench.profiles worker-check "$DIR" --vram-class "$c" --jsonl "$RESULTS_DIR/worker_check.jsonl" \
+        2>"$RESULTS_DIR/worker_check_$c.err" | tail -1 || tail -5 "$RESULTS_DIR/worker_check_$c.err"
+    done ;;
+  table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
+  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table" >&2; exit 2 ;;
+esac
