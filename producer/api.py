@@ -122,10 +122,13 @@ class Farm:
                 "idempotency_key": idem, "source": source_label, "lane": lane,
                 "work_units": round(sum(profiles.work_units(j.spec.pixels, j.spec.steps) for j in jobs), 3)}
         # Push in the order workers serve queues (largest tier first): a worker blocked on several
-        # queues is handed the first list the transaction pushes to, not the first it named. The
-        # sort is stable, so jobs keep their order within each queue.
+        # queues is handed the first list the transaction pushes to, not the first it named. Within
+        # a queue the largest jobs go first (file order among equal ones): a batch whose big jobs
+        # came last would end with a few cards busy on them while the rest idle (docs/scheduling.md).
         ceilings = profiles.tier_ceilings(max_pixels)
-        queued.sort(key=lambda pair: profiles.queue_rank(pair[0], ceilings))
+        order = [(profiles.queue_rank(queue, ceilings), -profiles.work_units(job.spec.pixels, job.spec.steps))
+                 for (queue, _), job in zip(queued, jobs)]
+        queued = [queued[i] for i in sorted(range(len(queued)), key=order.__getitem__)]
         batch_id, created = self.ledger.create_batch(batch_id, meta, jobs, queued, idem)
         return Batch(self, batch_id, created=created, live_workers=len(live),
                      queues=_count_queues(queued) if created else {})

@@ -49,12 +49,11 @@ def worker_speed_s(worker: dict, table: dict) -> float | None:
 
 
 def _tier_min_pixels(tier: str, max_pixels: dict) -> int:
-    """Smallest max_pixels a worker needs to take every job of this tier."""
+    """Smallest max_pixels a worker needs to take every job of this tier: the tier's ceiling
+    (`profiles.tier_ceilings`); every worker serves the shared tier."""
     if tier == "any":
         return 0
-    if tier == "c0":
-        return profiles.CPU_MAX_PIXELS
-    return max_pixels.get(int(tier[1:]), profiles.CPU_MAX_PIXELS)
+    return profiles.tier_ceilings(max_pixels).get(tier, profiles.JOB_MAX_PIXELS)
 
 
 def finish_s(backlog: list[Backlog], workers: list[tuple[int, float]], max_pixels: dict) -> float | None:
