@@ -211,10 +211,11 @@ class Batch:
             time.sleep(delay_s)
             delay_s = min(delay_s * POLL_GROWTH, POLL_MAX_S)
 
-    def collect(self, out_dir: str) -> dict:
-        """Download PNGs and sidecars into `out_dir`, write manifest.jsonl and index.html."""
+    def collect(self, out_dir: str, on_progress=None) -> dict:
+        """Download PNGs and sidecars into `out_dir`, write manifest.jsonl and index.html.
+        `on_progress(downloaded, total)` follows the downloads."""
         status = self.status()
-        summary = collect_batch(self.farm.ledger, self.farm.storage, self.id, Path(out_dir), status)
+        summary = collect_batch(self.farm.ledger, self.farm.storage, self.id, Path(out_dir), status, on_progress)
         recorded_url = status["meta"].get("storage_url", "")
         if not summary["downloaded"] and recorded_url and recorded_url != self.farm.settings.storage_url:
             summary["note"] = (f"no results under {self.farm.storage.describe()}; the batch was submitted "
@@ -342,7 +343,7 @@ def _worker_row(worker: dict) -> dict:
     return row
 
 
-def collect_batch(ledger: Ledger, storage, batch_id: str, out_dir: Path, status: dict) -> dict:
+def collect_batch(ledger: Ledger, storage, batch_id: str, out_dir: Path, status: dict, on_progress=None) -> dict:
     """Download a batch's results, then write manifest.jsonl and index.html describing every job."""
     out_dir.mkdir(parents=True, exist_ok=True)
     local: dict[str, str] = {}  # storage name -> file name in out_dir
@@ -355,8 +356,9 @@ def collect_batch(ledger: Ledger, storage, batch_id: str, out_dir: Path, status:
         (out_dir / local[name]).write_bytes(storage.get(name))
 
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        for _ in pool.map(download, local):  # iterating re-raises the first download error
-            pass
+        for done, _ in enumerate(pool.map(download, local), 1):  # iterating re-raises the first error
+            if on_progress is not None:
+                on_progress(done, len(local))
     got = set(local.values())
     jobs, states = ledger.jobs(batch_id), ledger.states(batch_id)
     failures = {f["index"]: f for f in status["failures"]}

@@ -18,7 +18,7 @@ import redis
 
 from producer.api import Farm, SubmitError, failure_reason, scale_advice
 from producer.files import PromptFileError, parse_prompt_file
-from producer.progress import Progress
+from producer.progress import CountBar, Progress
 from shared import profiles
 from shared.ledger import LedgerError
 from shared.schema import PRIORITIES, JobError
@@ -222,7 +222,11 @@ def _wait(batch, timeout_s: float | None) -> dict:
 
 
 def _collect(batch, out_dir: str) -> dict:
-    summary = batch.collect(out_dir)
+    bar = CountBar("collecting")
+    try:
+        summary = batch.collect(out_dir, on_progress=bar)
+    finally:
+        bar.close()
     _say(f"collected {summary['downloaded']} of {summary['jobs']} images into {summary['out_dir']}")
     if summary["missing_done"]:
         _say(f"zfarm: {len(summary['missing_done'])} done job(s) have no image in storage "
@@ -238,7 +242,12 @@ def cmd_submit(args) -> int:
         raise UsageError("--out and --timeout need --wait")
     defaults = {"width": args.width, "height": args.height, "steps": args.steps, "guidance": args.guidance,
                 "seed": args.seed, "negative_prompt": args.negative_prompt}
-    entries = parse_prompt_file(args.file, {k: v for k, v in defaults.items() if v is not None})
+    bar = CountBar("validating")
+    try:
+        entries = parse_prompt_file(args.file, {k: v for k, v in defaults.items() if v is not None},
+                                    on_progress=bar)
+    finally:
+        bar.close()
     farm = _farm(args, WAIT_REDIS_RETRY_S if args.wait else SHORT_REDIS_RETRY_S)
     batch = farm.submit(entries, priority=args.priority, name=args.name, idempotency_key=args.idempotency_key,
                         webhook=args.webhook, allow_pending=args.allow_pending, source=args.file)

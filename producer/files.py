@@ -147,11 +147,16 @@ def _csv_records(text: str, errors: _Errors) -> Iterator[tuple[int, object]]:
 
 
 def validate_records(records: Iterable[tuple[int, object]], name: str, defaults: dict | None = None,
-                     errors: _Errors | None = None) -> list[PromptEntry]:
-    """Validate (line, raw dict) pairs into entries, or raise PromptFileError listing every bad one."""
+                     errors: _Errors | None = None, on_progress=None) -> list[PromptEntry]:
+    """Validate (line, raw dict) pairs into entries, or raise PromptFileError listing every bad one.
+
+    `on_progress(done, total)` is told how far validation got, when the records are a list."""
     errors = errors or _Errors(name)
     entries = []
-    for number, raw in records:
+    total = len(records) if isinstance(records, list) else 0
+    for done, (number, raw) in enumerate(records, 1):
+        if on_progress is not None and total:
+            on_progress(done, total)
         if isinstance(raw, _NotJson):
             errors.add(number, "json", raw.message)
             continue
@@ -177,7 +182,8 @@ def format_of(path: str, text: str | None = None) -> str:
     return SUFFIXES[suffix]
 
 
-def parse_text(text: str, kind: str, name: str, defaults: dict | None = None) -> list[PromptEntry]:
+def parse_text(text: str, kind: str, name: str, defaults: dict | None = None,
+               on_progress=None) -> list[PromptEntry]:
     errors = _Errors(name)
     if kind == "text":
         records = _text_records(text)
@@ -187,23 +193,23 @@ def parse_text(text: str, kind: str, name: str, defaults: dict | None = None) ->
         records = _csv_records(text, errors)
     else:
         raise ValueError(f"unknown prompt file kind {kind!r}")
-    return validate_records(records, name, defaults, errors)
+    return validate_records(list(records), name, defaults, errors, on_progress)
 
 
-def parse_prompt_file(path: str, defaults: dict | None = None, stdin=None) -> list[PromptEntry]:
+def parse_prompt_file(path: str, defaults: dict | None = None, stdin=None, on_progress=None) -> list[PromptEntry]:
     """Read and validate a prompt file (`-` reads `stdin`, default sys.stdin)."""
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin
         data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
         text = _decode(data, STDIN_NAME) if isinstance(data, bytes) else data
-        return parse_text(text, format_of("-", text), STDIN_NAME, defaults)
+        return parse_text(text, format_of("-", text), STDIN_NAME, defaults, on_progress)
     kind = format_of(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise PromptFileError([FileError(path, 0, "file", exc.strerror or str(exc))]) from None
-    return parse_text(_decode(data, path), kind, path, defaults)
+    return parse_text(_decode(data, path), kind, path, defaults, on_progress)
 
 
 def source_name(path: str) -> str:

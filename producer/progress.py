@@ -91,3 +91,39 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+class CountBar:
+    """A bar for a counted operation (validating a file's lines, downloading a batch's files).
+
+    Drawn only on a terminal, and only once the operation is big enough to be worth watching;
+    piped output stays as it was."""
+
+    MIN_TOTAL = 200
+    REDRAW_EVERY = 0.1  # of the total
+
+    def __init__(self, label: str, stream=None, tty: bool | None = None):
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.total = 0
+        self.count = 0
+        self._drawn_at = -1
+
+    def __call__(self, count: int, total: int) -> None:
+        self.count, self.total = count, total
+        if not self.tty or total < self.MIN_TOTAL:
+            return
+        step = max(1, int(total * self.REDRAW_EVERY))
+        if count - self._drawn_at < step and count != total:
+            return
+        self._drawn_at = count
+        width = 30
+        filled = int(width * count / total)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {count}/{total}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._drawn_at >= 0:
+            self.stream.write("\n")
+            self.stream.flush()
