@@ -67,6 +67,21 @@ def test_flower_requires_a_password(flower):
     assert err.value.code == 401
 
 
+def test_flower_switches_on_task_events_and_lists_rendered_jobs(flower, start_worker, farm_factory,
+                                                               file_storage_url):
+    start_worker(file_storage_url, ("--simulate", "0.05"))
+    farm = farm_factory(file_storage_url)
+
+    def listed():
+        # Workers send no task events until Flower asks (its enable_events): submit until it has.
+        farm.submit(["a job Flower should see"])
+        _status, body = _get(f"{flower}/api/tasks")
+        return [t for t in json.loads(body).values() if t.get("name") == "zfarm.render"]
+
+    tasks = wait_for(listed, 60, interval_s=1.0, what="Flower to list a rendered job")
+    assert tasks[0]["state"] in ("RECEIVED", "STARTED", "SUCCESS")
+
+
 def test_flower_shows_the_worker_class_and_profile_and_every_queue(flower, start_worker, file_storage_url, tmp_path):
     # A 12 GB worker: it does not serve the large-job tier, whose queues Flower must list all the same.
     worker = start_worker(file_storage_url, ("--simulate", "0.05", "--vram-gb", "12"))

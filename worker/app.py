@@ -49,7 +49,9 @@ app.conf.update(
     # SIGTERM (a spot notice) lets the running job finish for this long, then hands it back.
     worker_soft_shutdown_timeout=settings.shutdown_grace_s,
     worker_enable_soft_shutdown_on_idle=False,
-    worker_send_task_events=True,
+    # Task events cost three PUBLISHes per job; Flower switches them on while it runs
+    # (its enable_events option, on by default), so nobody pays for them unwatched.
+    worker_send_task_events=False,
     worker_consumer="worker.consumer:ZfarmConsumer",
     task_default_queue="zfarm.hold",
 )
