@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from farm import REPO, S3Server, WorkerProcess, base_env, s3_env, wait_for
+from farm import S3Server, WorkerProcess, base_env, s3_env, wait_for
 from shared import registry
 
 TEST_TABLE = Path(__file__).parent / "data" / "profile_table.json"

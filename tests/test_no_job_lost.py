@@ -572,7 +572,6 @@ def malformed_messages(batch_id: str, good_job: dict, queue: str, n: int, seed: 
     of its job, or an entry in the rejected list."""
     rng = random.Random(seed)
     nan, inf = float("nan"), float("inf")
-    spec = good_job["spec"]
 
     def job(index, /, **changes):
         out = json.loads(json.dumps(good_job))

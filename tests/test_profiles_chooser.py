@@ -2,7 +2,6 @@
 nothing unmeasured, and the step-down order for an out-of-memory retry."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import signal
 
-import redis
 
 from farm import wait_for
 from shared import keys, registry, wire
-from shared.ledger import Ledger
 
 SIMULATE = ("--simulate", "0.05")
 

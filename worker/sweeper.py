@@ -15,7 +15,6 @@ just before; kombu's visibility restore brings such a leftover back, to be skipp
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -24,20 +23,9 @@ import redis
 
 from shared import keys
 from shared.ledger import FINAL_STATES, job_ref
+from worker.transport import named_job
 
 log = logging.getLogger(__name__)
-
-
-def _job_ref(payload: dict):
-    """(batch_id, index) named by a Celery envelope, or None."""
-    try:
-        body = payload["body"]
-        if payload.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        _args, kwargs, _embed = json.loads(body)
-        return job_ref(kwargs["job"])
-    except (KeyError, ValueError, TypeError, AttributeError):
-        return None  # not a job message: the transport refuses those before they are ever unacked
 
 
 def _instance_alive(client: redis.Redis, claim: str, cache: dict) -> bool:
@@ -89,7 +77,8 @@ def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> i
         except (ValueError, TypeError):
             log.warning("unacked entry %r is not a kombu message; left to kombu's own restore", tag[:100])
             continue
-        ref = _job_ref(payload)
+        # Not a job message: the transport refuses those before they are ever unacked.
+        ref = job_ref(named_job(payload))
         if ref is None:
             continue
         batch_id, index = ref

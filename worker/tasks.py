@@ -60,6 +60,11 @@ def reject_message(reason: str, detail: dict) -> None:
     log.warning("rejected a message: %s", reason)
 
 
+def _named_job(kwargs):
+    """The `job` a task's keyword arguments carry, valid or not."""
+    return kwargs.get("job") if isinstance(kwargs, dict) else None
+
+
 def _fail_invalid(raw, reason: dict, task_id: str) -> None:
     """Fail the job an invalid message names, or record the message as rejected when it names none
     (or one already final: a message is never counted twice)."""
@@ -90,7 +95,8 @@ def sidecar(job: Job, render_facts: dict, render_s: float) -> dict:
         **job.spec.to_dict(), "batch_id": job.batch_id, "index": job.index, "job_id": job.id,
         "priority": job.priority, "worker": boot.STATE.name, "host": b.host, "gpu": b.gpu,
         "vram_class": b.vram_class, "profile": facts.pop("profile", b.choice.profile),
-        "model": settings.model, "model_path": boot.STATE.model_path, "versions": boot.versions(), "render_s": round(render_s, 3),
+        "model": settings.model, "model_path": boot.STATE.model_path, "versions": boot.versions(),
+        "render_s": round(render_s, 3),
         "simulated": bool(facts.pop("simulated", False)), "finished_at": time.time(), **facts,
     }
 
@@ -105,7 +111,7 @@ def run_job(task_id: str, args, kwargs) -> dict:
         # Outside the render itself (an upload retrying, say): the job is failed all the same.
         reason = {"kind": "time-limit", "message": "the job exceeded its soft time limit",
                   "worker": boot.STATE.name}
-        if not _ledger().fail_invalid(kwargs.get("job") if isinstance(kwargs, dict) else None, reason):
+        if not _ledger().fail_invalid(_named_job(kwargs), reason):
             log.warning("soft time limit of %s not recorded: its job is unknown or already final", task_id)
         raise JobFailed(f"job message {task_id}: time-limit: {reason['message']}") from None
     except Exception as exc:  # not the job's fault, or not known to be: hand it back, never drop it
@@ -118,7 +124,7 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         job = _decode(args, kwargs)
     except JobError as exc:
         reason = {"kind": "invalid", "field": exc.field, "message": str(exc)[:1000]}
-        _fail_invalid(kwargs.get("job") if isinstance(kwargs, dict) else None, reason, task_id)
+        _fail_invalid(_named_job(kwargs), reason, task_id)
         raise JobFailed(f"invalid job: {exc}"[:1000]) from None
 
     ledger = _ledger()
@@ -200,16 +206,13 @@ class RenderRequest(Request):
     """Runs in the parent: a job killed by its hard time limit is failed with that reason, and a
     message that failed outside `run_job` is failed or rejected visibly, not dropped."""
 
-    def _named_job(self):
-        return self.kwargs.get("job") if isinstance(self.kwargs, dict) else None
-
     def on_timeout(self, soft, timeout):
         # During a cold shutdown Celery cancels jobs to hand them back: that is no time limit.
         if not soft and not worker_state.should_terminate:
             # Recorded before Celery acks the message: once acked, the record is all that is left.
             reason = {"kind": "time-limit", "message": f"hard time limit of {timeout:g} s exceeded",
                       "worker": boot.STATE.name}
-            if not _ledger().fail_invalid(self._named_job(), reason):
+            if not _ledger().fail_invalid(_named_job(self.kwargs), reason):
                 log.warning("time limit of %s not recorded: its job is unknown or already final", self.id)
         super().on_timeout(soft, timeout)
 
@@ -222,7 +225,7 @@ class RenderRequest(Request):
                                 SystemExit, KeyboardInterrupt, MemoryError)):
             reason = {"kind": "invalid", "field": "message",
                       "message": f"the task failed before it ran: {type(exc).__name__}: {exc}"[:1000]}
-            _fail_invalid(self._named_job(), reason, self.id)
+            _fail_invalid(_named_job(self.kwargs), reason, self.id)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
