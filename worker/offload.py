@@ -14,6 +14,10 @@ Each component has a placement:
   stream_lowmem  the same, pinning on the fly instead of keeping a pinned copy (less host RAM, slower)
   fp8_stream     fp8 storage and streamed: half the bytes to copy and to pin
   fp8_stream_lowmem  fp8 storage, streamed, pinning on the fly
+  fp8mm          resident, native fp8 weights with per-channel scales (`worker.fp8`): compiles with
+                 fullgraph and, on GPUs with fp8 tensor cores (compute capability >= 8.9), multiplies
+                 in fp8. Loaded on the host and converted layer by layer on the GPU.
+  fp8mm_stream   native fp8 weights, streamed block by block from pinned host memory
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
 VAE_TILE_PX = 512
-PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem")
+PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
@@ -43,6 +47,7 @@ class Spec:
     blocks_per_group: int = 1   # blocks per group for streamed components
     record_stream: bool = False
     attention: str = ""         # diffusers attention backend name; "" keeps the default (SDPA)
+    vae_compile: bool = False   # torch.compile the VAE decoder (one graph per tile or image size)
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -96,6 +101,23 @@ SPECS: dict[str, Spec] = {
     "group_stream_fp8_lowmem": Spec("group_stream_fp8 pinning on the fly (no pinned host copies): less host RAM",
                                     transformer="fp8_stream_lowmem", text_encoder="fp8_stream_lowmem",
                                     vae_tiling=True, blocks_per_group=2, record_stream=True),
+    # Native fp8 (worker.fp8): fp8 weights with scales, fp8 matmuls where the GPU has them.
+    "fp8mm_compiled": Spec("DiT in native fp8 (fp8 matmuls on compute capability >= 8.9), blocks compiled; "
+                           "text encoder resident in bf16; VAE decoder compiled", transformer="fp8mm",
+                           compile="fullgraph", vae_compile=True),
+    "fp8mm_both_compiled": Spec("DiT in native fp8, blocks compiled; text encoder in native fp8 weights (bf16 "
+                                "compute); all resident; VAE decoder compiled", transformer="fp8mm",
+                                text_encoder="fp8mm", compile="fullgraph", vae_compile=True),
+    "fp8mm_te_stream_compiled": Spec("DiT in native fp8, resident and compiled; text encoder in native fp8 "
+                                     "weights, streamed; tiled, compiled VAE decode", transformer="fp8mm",
+                                     text_encoder="fp8mm_stream", compile="fullgraph", vae_tiling=True,
+                                     vae_compile=True),
+    "fp8mm_te_bf16_stream_compiled": Spec("DiT in native fp8, resident and compiled; text encoder in bf16, "
+                                          "streamed; VAE decoder compiled", transformer="fp8mm",
+                                          text_encoder="stream", compile="fullgraph", vae_compile=True),
+    "fp8mm_stream": Spec("DiT and text encoder in native fp8, streamed two blocks at a time",
+                         transformer="fp8mm_stream", text_encoder="fp8mm_stream",
+                         blocks_per_group=2, record_stream=True),
     "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
                           "(the common recipe, for comparison)", recipe="model_offload"),
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
@@ -104,6 +126,17 @@ SPECS: dict[str, Spec] = {
 }
 
 PROFILES: dict[str, str] = {name: spec.description for name, spec in SPECS.items()}
+
+
+def is_lossy(spec: Spec) -> bool:
+    """Whether the profile computes with less precision than bf16 (fp8 weights or matmuls, another
+    attention kernel): such a profile is a class default only once the benchmark's fidelity check
+    found its images not visibly different (`shared.profiles`). Compilation alone does not count."""
+    placements = (spec.transformer, spec.text_encoder)
+    # Tiled VAE decoding alone is not counted: it measured 42.1-42.5 dB against whole decoding
+    # (bench/vae_tiling.py, bench/results/vae_tiling.jsonl), within the rule. Together with fp8 it was
+    # 39.5-39.8 dB: each fp8 profile is judged on its own end-to-end comparison, tiles included.
+    return any(p.startswith("fp8") for p in placements) or bool(spec.attention)
 
 
 class ProfileError(ValueError):
@@ -136,7 +169,18 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
     import torch
     from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
 
-    if placement.startswith("fp8"):
+    if placement.startswith("fp8mm"):
+        from worker import fp8
+
+        streamed = placement.endswith("_stream")
+        # fp8 matmuls only in the DiT, where the compute is: the text encoder runs once per image on
+        # ~100 tokens, so rounding its activations to fp8 too would buy nothing measurable.
+        fp8_matmul = fp8.has_fp8_matmul(device) and fp8.targets_for(module) is fp8.DIT_TARGETS
+        fp8.convert(module, compute_dtype, fp8_matmul, work_device=device, out_device="cpu" if streamed else device)
+        if not streamed:
+            module.to(device)
+            return
+    elif placement.startswith("fp8"):
         # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                 skip_modules_pattern=_skip_patterns(module))
@@ -189,4 +233,6 @@ def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None)
         pipe.transformer.set_attention_backend(spec.attention)
     if spec.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph")
+    if spec.vae_compile:
+        pipe.vae.decoder.compile(fullgraph=True)
     return spec
