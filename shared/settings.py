@@ -54,6 +54,10 @@ class Settings:
         "Override the detected VRAM (GiB). On a GPU it also caps the allocator; 0 detects.", float)
     profile: str = _env_field(
         "ZFARM_PROFILE", "", "Force a memory/offload profile by name; empty lets the chooser pick.")
+    allow_lossy: bool = _env_field(
+        "ZFARM_ALLOW_LOSSY", False,
+        "Let the chooser pick profiles whose images the benchmark found visibly different from bf16, or "
+        "never compared (fp8 weights or matmuls, other attention kernels).", bool)
     ram_gb: float = _env_field(
         "ZFARM_RAM_GB", 0.0, "Override the detected host RAM (GiB) for the profile choice; 0 detects.",
         float)
@@ -86,6 +90,19 @@ class Settings:
         "ZFARM_WEBHOOK_TIMEOUT_S", 10.0, "Timeout of one webhook call.", float)
     metrics_port: int = _env_field(
         "ZFARM_METRICS_PORT", 0, "Port for the worker's Prometheus metrics; 0 turns them off.", int)
+    compile_cache_dir: str = _env_field(
+        "ZFARM_COMPILE_CACHE_DIR", "~/.cache/zfarm/compile",
+        "Where torch.compile keeps its caches (inductor/ and triton/ inside), so that a restarted worker "
+        "reuses earlier compilations; TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR, when set, win. "
+        "Empty leaves torch's defaults (a folder under /tmp).")
+    warmup: bool = _env_field(
+        "ZFARM_WARMUP", True,
+        "Render one 1-step 1024x1024 image (256x256 on a CPU) while loading, so that compiled profiles "
+        "compile before the worker reports itself ready.", bool)
+    prompt_cache_size: int = _env_field(
+        "ZFARM_PROMPT_CACHE_SIZE", 256,
+        "Text-encoder outputs a worker keeps in host RAM (up to 2.5 MiB each), by exact prompt text, the least "
+        "recently used dropped first; a repeated prompt skips the text encoder. 0 turns the cache off.", int)
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
@@ -115,3 +132,14 @@ class Settings:
 def settings_reference() -> list[tuple[str, str, str]]:
     """(variable, default, meaning) for each setting: the docs' settings table."""
     return [(f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)]
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: `python -m shared.settings > docs/settings.md` (a test checks that they match)."""
+    rows = "".join(f"| `{env}` | `{default}` | {doc} |\n" for env, default, doc in settings_reference())
+    return ("# Settings\n\nEvery setting is an environment variable; `zfarm` and `zfarm worker` flags override "
+            "them. Generated from `shared/settings.py`.\n\n| variable | default | meaning |\n|---|---|---|\n" + rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

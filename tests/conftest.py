@@ -27,6 +27,16 @@ def _isolated_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny random-weight ZImagePipeline (it renders noise), built once per session."""
+    from worker import tiny
+
+    folder = tmp_path_factory.mktemp("tiny-zimage")
+    tiny.build_tiny(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """URL of a real redis-server for this session (no persistence). Flushed before each test that uses it."""
     server = farm.RedisServer(tmp_path_factory.mktemp("redis")).start()

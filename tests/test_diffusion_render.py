@@ -12,7 +12,6 @@ from PIL import Image
 from shared import profiles
 from shared.schema import JobSpec
 from shared.settings import Settings
-from worker import tiny
 from worker.detect import BootInfo
 from worker.diffusion import DiffusionRenderer
 from worker.render import OutOfMemory
@@ -26,13 +25,6 @@ TABLE = {"schema": 1, "profiles": {}, "measured": {}, "runs": [
     {"profile": "fp8_both_stream_compiled", "cap_gib": 11.0, "ok": True, "s_per_image": 1.5,
      "peak_reserved_gib": 7.9, "host_rss_gib": 18.2, "max_pixels": 2048 * 2048},
 ]}
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-zimage")
-    tiny.build_tiny(folder)
-    return folder
 
 
 def make_renderer(tiny_dir, vram_class="cpu", profile="cpu", table=None) -> DiffusionRenderer:

@@ -4,6 +4,12 @@ Runs in the process that renders (a Celery pool child), never in the parent: tor
 imported in `load()`. On an out-of-memory error at render time it steps down once to the next
 measured profile that needs less VRAM (`shared.profiles.step_down`), reloads, and retries the job
 once; if that also runs out of memory, or no smaller profile is on record, it raises OutOfMemory.
+
+Cold start and speed: torch.compile's caches live in `settings.compile_cache_dir`, so a restarted
+worker reads its compiled kernels back instead of compiling again; `load()` ends with a 1-step warm-up
+call, so that compiling happens while the worker still reports itself loading, not in its first job;
+text-encoder outputs are kept by prompt text (`settings.prompt_cache_size`), so a repeated prompt
+skips the text encoder.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import gc
 import logging
 import os
 import time
+from collections import OrderedDict
 
 from shared import profiles
 from shared.schema import JobSpec
@@ -22,6 +29,11 @@ log = logging.getLogger(__name__)
 # matters when a profile runs within half a GiB of a small card's limit. The benchmark measures with
 # the same setting. Honoured only if set before the first CUDA allocation; a value the operator set wins.
 CUDA_ALLOC_CONF = "expandable_segments:True"
+# The warm-up's side in pixels. On a GPU the reference job's, so that compiled blocks compile for the
+# shapes most jobs bring; a CPU compiles nothing and only needs the call path exercised, at the smallest
+# size a job may have (the tiny test model renders it in a fraction of a second).
+WARMUP_PX = {"cuda": 1024, "cpu": 256}
+WARMUP_PROMPT = "a photo of a cat"
 _OOM_TEXT = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
@@ -43,6 +55,29 @@ def versions() -> dict:
             "cuda": torch.version.cuda}
 
 
+def use_compile_cache(folder: str) -> str | None:
+    """Point inductor's and Triton's on-disk caches into `folder` (inductor/, triton/), unless the
+    operator set TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR: theirs win. Empty `folder` leaves
+    torch's defaults. Returns the inductor cache folder in effect (None: torch's default).
+
+    Both are read at the first compile, but this must still run before torch is imported: importing
+    diffusers makes torch write its own default (/tmp/torchinductor_<user>) into os.environ, which
+    would then pass for the operator's value."""
+    if folder:
+        root = os.path.abspath(os.path.expanduser(folder))
+        for env, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+            if env in os.environ:
+                continue
+            path = os.path.join(root, sub)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:  # a cache only saves time: a worker without one still renders
+                log.warning("compile cache %s is unusable (%s); %s keeps torch's default", path, exc, env)
+                continue
+            os.environ[env] = path
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 class DiffusionRenderer:
     def __init__(self, settings, boot, table: dict | None = None):
         self.settings = settings
@@ -54,14 +89,24 @@ class DiffusionRenderer:
         self.pipe = None
         self.dtype = None
         self.load_s = None
+        self.warmup_s = None
+        self.compile_cache_dir = None
         self.downgrades: list[dict] = []
         self._versions: dict = {}
+        # prompt text -> the text encoder's output for it (a list of one tensor, as the pipeline takes
+        # it), kept on the CPU: on the GPU 256 long prompts would take up to 0.6 GiB, more than the
+        # margin the profile table leaves. Copying one back takes well under a millisecond.
+        self._prompt_cache: OrderedDict[str, list] = OrderedDict()
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
 
     # Loading
     def load(self) -> None:
-        """Blocking: load the pipeline and apply the profile (no warm-up call)."""
+        """Blocking: load the pipeline, apply the profile, then warm up (`settings.warmup`). The worker
+        reports itself ready only once this returns, so the first job does not pay for compiling."""
         if self.device == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+        self.compile_cache_dir = use_compile_cache(self.settings.compile_cache_dir)
         import torch
 
         if self.device == "cuda" and self.boot.cap_gib:
@@ -69,6 +114,20 @@ class DiffusionRenderer:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.boot.cap_gib * 2**30 / total))
         self._versions = versions()
         self._load_profile(self.profile)
+        if self.settings.warmup:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One 1-step call, output discarded: compiled profiles compile here, or read the compile cache.
+        An error fails the load like any other: a worker that cannot render must not report ready."""
+        import torch
+
+        side = WARMUP_PX[self.device]
+        t0 = time.monotonic()
+        self.pipe(prompt=WARMUP_PROMPT, height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
+                  generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+        self.warmup_s = round(time.monotonic() - t0, 2)
+        log.info("warm-up call (%dx%d, 1 step) took %.1f s", side, side, self.warmup_s)
 
     def _load_profile(self, name: str) -> None:
         import torch
@@ -103,6 +162,9 @@ class DiffusionRenderer:
         import torch
 
         self._release(drop_pipeline=True)
+        # The cached embeddings came from the old profile's text encoder, which the new one may store
+        # in fp8: keeping them would give other pixels than the new profile gives for the same job.
+        self._prompt_cache.clear()
         torch._dynamo.reset()
         self._load_profile(name)
         self.profile = name
@@ -117,23 +179,56 @@ class DiffusionRenderer:
         return {"renderer": "diffusers", "profile": self.profile, "applied": self.applied, "device": self.device,
                 "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                 "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
-                "load_s": self.load_s, "downgrades": list(self.downgrades), "versions": dict(self._versions)}
+                "load_s": self.load_s, "warmup_s": self.warmup_s, "compile_cache_dir": self.compile_cache_dir,
+                "prompt_cache": {"size": self.settings.prompt_cache_size, "entries": len(self._prompt_cache),
+                                 "hits": self.prompt_cache_hits, "misses": self.prompt_cache_misses},
+                "downgrades": list(self.downgrades), "versions": dict(self._versions)}
+
+    def _prompt_embeds(self, text: str) -> tuple[list, bool]:
+        """(the text encoder's output for `text` on the pipeline's device, whether it came from the cache).
+        The pipeline's own encode_prompt fills the cache: its chat template, its padding and mask."""
+        import torch
+
+        cached = self._prompt_cache.get(text)
+        if cached is not None:
+            self._prompt_cache.move_to_end(text)
+            self.prompt_cache_hits += 1
+            return [e.to(self.pipe._execution_device) for e in cached], True
+        self.prompt_cache_misses += 1
+        with torch.no_grad():  # as inside the pipeline call: no autograd graph kept with the output
+            embeds, _ = self.pipe.encode_prompt(prompt=text, do_classifier_free_guidance=False)
+        self._prompt_cache[text] = [e.to("cpu") for e in embeds]
+        if len(self._prompt_cache) > self.settings.prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return embeds, False
 
     def _generate(self, spec: JobSpec):
-        """One pipeline call. Returns (image, peak_reserved_gib, peak_alloc_gib)."""
+        """One pipeline call. Returns (image, peak_reserved_gib, peak_alloc_gib, prompt_cache_hit)."""
         import torch
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # A CPU generator: the same seed gives the same latents on every card and profile.
         generator = torch.Generator("cpu").manual_seed(spec.seed)
-        out = self.pipe(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
-                        height=spec.height, width=spec.width, num_inference_steps=spec.steps,
+        hit = False
+        if self.settings.prompt_cache_size > 0:
+            # The pipeline encodes a negative prompt ("" when none is given) only when guidance > 0 (its
+            # do_classifier_free_guidance). That text is cached like any other: the text encoder's output
+            # for a text does not depend on which side of the guidance it goes.
+            embeds, hit = self._prompt_embeds(spec.prompt)
+            text = {"prompt_embeds": embeds}
+            if spec.guidance > 0:
+                negative, negative_hit = self._prompt_embeds(spec.negative_prompt or "")
+                text["negative_prompt_embeds"] = negative
+                hit = hit and negative_hit
+        else:
+            text = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt or None}
+        out = self.pipe(**text, height=spec.height, width=spec.width, num_inference_steps=spec.steps,
                         guidance_scale=spec.guidance, generator=generator, output_type="pil")
         if self.device != "cuda":
-            return out.images[0], None, None
+            return out.images[0], None, None, hit
         return (out.images[0], round(torch.cuda.max_memory_reserved() / 2**30, 2),
-                round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                round(torch.cuda.max_memory_allocated() / 2**30, 2), hit)
 
     def _attempt(self, spec: JobSpec):
         """(result, None) or (None, error text) when the call ran out of memory. The exception is not
@@ -156,7 +251,7 @@ class DiffusionRenderer:
             # The pipeline stays usable after an out-of-memory error: keep it unless we step down.
             self._release(drop_pipeline=False)
             lower = profiles.step_down(self.table(), self.boot.vram_class, failed,
-                                       ram_gib=self.boot.host_ram_gib or None)
+                                       ram_gib=self.boot.host_ram_gib or None, allow_lossy=self.settings.allow_lossy)
             if lower is None:
                 raise OutOfMemory(f"out of memory on profile {failed} ({spec.width}x{spec.height}) and no measured "
                                   f"profile needs less VRAM for class {profiles.class_label(self.boot.vram_class)}: "
@@ -171,13 +266,14 @@ class DiffusionRenderer:
                 self._release(drop_pipeline=False)
                 raise OutOfMemory(f"out of memory again after stepping down from {failed} to {lower.profile} "
                                   f"({spec.width}x{spec.height}): {error}")
-        image, peak_reserved_gib, peak_alloc_gib = result
+        image, peak_reserved_gib, peak_alloc_gib, prompt_cache_hit = result
         render_s = time.monotonic() - t0
         facts = {"renderer": "diffusers", "profile": self.profile, "applied": self.applied, "device": self.device,
                  "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                  "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", ""),
                  "peak_vram_gib": peak_reserved_gib, "peak_alloc_gib": peak_alloc_gib,
-                 "render_s": round(render_s, 3), "versions": dict(self._versions)}
+                 "render_s": round(render_s, 3), "prompt_cache_hit": prompt_cache_hit,
+                 "versions": dict(self._versions)}
         if downgraded_from:
             facts["downgraded_from"] = downgraded_from
         return RenderResult(png=encode_png(image, spec, facts), render_s=render_s, facts=facts)
