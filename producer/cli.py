@@ -22,7 +22,7 @@ from producer.progress import CountBar, Progress
 from shared import profiles
 from shared.ledger import LedgerError
 from shared.schema import PRIORITIES, JobError
-from shared.settings import SettingsError
+from shared.settings import Settings, SettingsError
 from shared.storage import StorageError
 
 EXIT_OK = 0
@@ -107,6 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="the profile each VRAM class would run, from the measured table")
     p.add_argument("--vram-gb", type=float, help="show the choice for a card of this many GB (default: cpu)")
     p.add_argument("--ram-gb", type=float, help="host RAM the choice must fit (default: any)")
+    p.add_argument("--allow-lossy", action="store_true", default=None,
+                   help="admit profiles whose images differ visibly from bf16 (default: ZFARM_ALLOW_LOSSY)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profiles)
 
@@ -380,29 +382,39 @@ def cmd_scale_advice(args) -> int:
     return EXIT_OK
 
 
-def profiles_report(table: dict, vram_gb: float | None, ram_gb: float | None) -> dict:
+def profiles_report(table: dict, vram_gb: float | None, ram_gb: float | None, allow_lossy: bool = False) -> dict:
     """What `zfarm profiles --json` prints: every class's choice, and the one for this card."""
     vram_class = profiles.CPU_CLASS if vram_gb is None else profiles.class_for_override(vram_gb)
-    report = {"classes": profiles.class_table(table, ram_gb), "source": table.get("source"),
-              "vram_gb": vram_gb, "ram_gb": ram_gb}
+    report = {"classes": profiles.class_table(table, ram_gb, allow_lossy), "source": table.get("source"),
+              "vram_gb": vram_gb, "ram_gb": ram_gb, "allow_lossy": allow_lossy}
     try:
-        report["chosen"] = profiles.choose(table, vram_class, ram_gb).to_dict()
+        report["chosen"] = profiles.choose(table, vram_class, ram_gb, allow_lossy=allow_lossy).to_dict()
     except profiles.ProfileError as exc:
         report["chosen"] = None
         report["error"] = str(exc)
     return report
 
 
+def _fidelity_cell(row: dict) -> str:
+    """Worst-seed PSNR against bf16, or whether the profile is lossy and was never compared."""
+    if row.get("psnr_db_min") is not None:
+        return f"{row['psnr_db_min']:.1f} dB"
+    return "not compared" if row.get("lossy") else ("not lossy" if row.get("profile") else "-")
+
+
 def cmd_profiles(args) -> int:
-    report = profiles_report(profiles.load_table(), args.vram_gb, args.ram_gb)
+    allow_lossy = Settings.from_env().allow_lossy if args.allow_lossy is None else args.allow_lossy
+    report = profiles_report(profiles.load_table(), args.vram_gb, args.ram_gb, allow_lossy)
     if args.json:
         _print_json(report)
         return EXIT_OK
     tty = sys.stdout.isatty()
-    header = ["class", "profile", "s_per_image", "peak_reserved_gib", "host_rss_gib", "max_pixels", "cap_gib"]
+    header = ["class", "profile", "s_per_image", "peak_reserved_gib", "host_rss_gib", "max_pixels", "cap_gib",
+              "vs_bf16"]
     _print_table(header, [[profiles.class_label(r["vram_class"]), r.get("profile"), r.get("s_per_image"),
                            r.get("peak_reserved_gib"), r.get("host_rss_gib"), r.get("max_pixels"),
-                           r.get("cap_gib")] for r in report["classes"]], tty)
+                           r.get("cap_gib"), _fidelity_cell(r)]
+                          for r in report["classes"]], tty)
     card = "cpu" if args.vram_gb is None else f"a {args.vram_gb:g} GB card"
     if report["chosen"]:
         chosen = report["chosen"]

@@ -8,6 +8,11 @@ The table is `bench/results/profile_table.json` (shipped in the package as
 profile measured under one allocator cap on a GPU. A profile is chosen for a class only from a run
 that completed under a cap no larger than the class's cap with peak reserved VRAM at least
 `HEADROOM_GIB` below it, and whose host RSS fits the machine: never from folklore.
+
+A lossy profile (fp8 weights or matmuls, another attention kernel: the row's `lossy`) is chosen only
+when the benchmark compared its images with the bf16 reference on the same seeds and found them not
+visibly different (the row's `fidelity`), unless the operator allows lossy profiles
+(`ZFARM_ALLOW_LOSSY`). A lossy profile never compared counts as visibly different.
 """
 from __future__ import annotations
 
@@ -76,6 +81,8 @@ class Choice:
     max_pixels: int
     cap_gib: float | None
     measured_cap_gib: float | None = None
+    lossy: bool = False
+    psnr_db_min: float | None = None   # worst seed against the bf16 reference, when compared
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,12 +115,20 @@ def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
     return True
 
 
-def candidates(table: dict, vram_class, ram_gib: float | None = None) -> list[Choice]:
-    """Every measured profile that fits the class and host, fastest first."""
+def _faithful(run: dict, allow_lossy: bool) -> bool:
+    if allow_lossy or not run.get("lossy"):
+        return True
+    fidelity = run.get("fidelity") or {}
+    return fidelity.get("visibly_different") is False
+
+
+def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False) -> list[Choice]:
+    """Every measured profile that fits the class and host (and the fidelity rule), fastest first."""
     if vram_class == CPU_CLASS:
         return [_cpu_choice(table)]
     cap = CLASS_CAPS_GIB[vram_class]
-    runs = [r for r in table.get("runs", []) if r.get("profile") != CPU_CLASS and _fits(r, cap, ram_gib)]
+    runs = [r for r in table.get("runs", []) if r.get("profile") != CPU_CLASS and _fits(r, cap, ram_gib)
+            and _faithful(r, allow_lossy)]
     runs.sort(key=lambda r: (r["s_per_image"], -(r.get("max_pixels") or 0)))
     seen, out = set(), []
     for run in runs:
@@ -123,7 +138,8 @@ def candidates(table: dict, vram_class, ram_gib: float | None = None) -> list[Ch
         out.append(Choice(vram_class=vram_class, profile=run["profile"], s_per_image=run["s_per_image"],
                           peak_reserved_gib=run["peak_reserved_gib"], host_rss_gib=run.get("host_rss_gib"),
                           max_pixels=int(run.get("max_pixels") or REFERENCE_PIXELS), cap_gib=cap,
-                          measured_cap_gib=run.get("cap_gib")))
+                          measured_cap_gib=run.get("cap_gib"), lossy=bool(run.get("lossy")),
+                          psnr_db_min=(run.get("fidelity") or {}).get("psnr_db_min")))
     return out
 
 
@@ -134,27 +150,41 @@ def _cpu_choice(table: dict) -> Choice:
                   max_pixels=CPU_MAX_PIXELS, cap_gib=None)
 
 
-def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = "") -> Choice:
+# Speeds this close to the fastest are measurement noise (one profile's runs differ by ~3%): among
+# them the profile that renders the largest images wins, so that the card serves its widest size tier.
+SPEED_TIE_FRACTION = 0.05
+
+
+def _prefer_reach(found: list[Choice]) -> Choice:
+    fastest = found[0].s_per_image
+    ties = [c for c in found if c.s_per_image <= fastest * (1 + SPEED_TIE_FRACTION)]
+    return max(ties, key=lambda c: (c.max_pixels, -c.s_per_image))
+
+
+def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = "",
+           allow_lossy: bool = False) -> Choice:
     """The fastest fitting profile, or the forced one (measured or not, on the user's word)."""
     if forced:
         if vram_class == CPU_CLASS or forced == CPU_CLASS:
             return Choice(vram_class, forced, None, None, None, CPU_MAX_PIXELS, None)
-        for choice in candidates(table, vram_class, ram_gib=None):
+        for choice in candidates(table, vram_class, ram_gib=None, allow_lossy=True):
             if choice.profile == forced:
                 return choice
         return Choice(vram_class, forced, None, None, None, REFERENCE_PIXELS, CLASS_CAPS_GIB[vram_class])
-    found = candidates(table, vram_class, ram_gib)
+    found = candidates(table, vram_class, ram_gib, allow_lossy)
     if not found:
         raise ProfileError(
             f"no measured profile fits class {class_label(vram_class)} "
-            f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}; "
+            f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}"
+            f"{'' if allow_lossy else ' among those that keep images as bf16 renders them (ZFARM_ALLOW_LOSSY=1 admits the rest)'}; "
             "measure one with bench/profiles.py or force one with --profile")
-    return found[0]
+    return found[0] if vram_class == CPU_CLASS else _prefer_reach(found)
 
 
-def step_down(table: dict, vram_class, current: str, ram_gib: float | None = None) -> Choice | None:
+def step_down(table: dict, vram_class, current: str, ram_gib: float | None = None,
+              allow_lossy: bool = False) -> Choice | None:
     """The next profile after `current` that needs less peak VRAM, for an out-of-memory retry."""
-    found = candidates(table, vram_class, ram_gib)
+    found = candidates(table, vram_class, ram_gib, allow_lossy)
     current_peak = next((c.peak_reserved_gib for c in found if c.profile == current), None)
     lower = [c for c in found if c.profile != current
              and (current_peak is None or (c.peak_reserved_gib or 0) < current_peak)]
@@ -162,12 +192,12 @@ def step_down(table: dict, vram_class, current: str, ram_gib: float | None = Non
     return lower[0] if lower else None
 
 
-def class_table(table: dict, ram_gib: float | None = None) -> list[dict]:
+def class_table(table: dict, ram_gib: float | None = None, allow_lossy: bool = False) -> list[dict]:
     """One row per class: the profile the chooser would take there (or why none)."""
     rows = []
     for vram_class in GPU_CLASSES:
         try:
-            rows.append(choose(table, vram_class, ram_gib).to_dict())
+            rows.append(choose(table, vram_class, ram_gib, allow_lossy=allow_lossy).to_dict())
         except ProfileError as exc:
             rows.append({"vram_class": vram_class, "profile": None, "s_per_image": None,
                          "peak_reserved_gib": None, "host_rss_gib": None, "max_pixels": 0,

@@ -98,3 +98,55 @@ def test_the_committed_table_has_a_measured_choice_for_every_gpu_class():
     for row in profiles.class_table(table):
         assert row["profile"], row
         assert row["vram_class"] == "cpu" or row["peak_reserved_gib"] <= row["cap_gib"] - profiles.HEADROOM_GIB
+
+
+def fidelity(psnr_db):
+    return {"reference": "resident@none", "psnr_db_min": psnr_db, "rel_l2_mean": 0.01, "max_abs_8bit": 10,
+            "visibly_different": psnr_db < 40.0}
+
+
+def lossy(row, psnr_db=None):
+    return dict(row, lossy=True, **({"fidelity": fidelity(psnr_db)} if psnr_db is not None else {}))
+
+
+def test_a_lossy_profile_is_a_class_default_only_once_its_images_were_compared_and_passed():
+    exact = run("resident_compiled", None, 0.95, 22.0, 10.0, 4194304)
+    never_compared = lossy(run("fp8_fast", None, 0.5, 15.0, 10.0, 4194304))
+    visibly_different = lossy(run("fp8_faster", None, 0.4, 15.0, 10.0, 4194304), psnr_db=39.5)
+    assert profiles.choose({"runs": [exact, never_compared, visibly_different]}, 80).profile == "resident_compiled"
+    passed = lossy(run("fp8_ok", None, 0.7, 15.0, 10.0, 4194304), psnr_db=44.9)
+    chosen = profiles.choose({"runs": [exact, never_compared, visibly_different, passed]}, 80)
+    assert (chosen.profile, chosen.lossy, chosen.psnr_db_min) == ("fp8_ok", True, 44.9)
+
+
+def test_allowing_lossy_profiles_admits_the_unmeasured_and_the_visibly_different():
+    rows = [run("resident_compiled", None, 0.95, 22.0, 10.0), lossy(run("fp8_faster", None, 0.4, 15.0, 10.0), 39.5)]
+    assert profiles.choose({"runs": rows}, 80, allow_lossy=True).profile == "fp8_faster"
+    assert profiles.step_down({"runs": rows}, 80, "resident_compiled") is None
+    assert profiles.step_down({"runs": rows}, 80, "resident_compiled", allow_lossy=True).profile == "fp8_faster"
+
+
+def test_a_forced_profile_is_honoured_whether_or_not_it_is_lossy():
+    rows = [run("resident_compiled", None, 0.95, 22.0, 10.0), lossy(run("fp8_faster", None, 0.4, 15.0, 10.0))]
+    assert profiles.choose({"runs": rows}, 80, forced="fp8_faster").s_per_image == 0.4
+
+
+def test_the_error_for_a_class_left_without_a_faithful_profile_names_the_setting_that_admits_the_rest():
+    with pytest.raises(profiles.ProfileError, match="ZFARM_ALLOW_LOSSY=1"):
+        profiles.choose({"runs": [lossy(run("fp8_only", 7, 2.0, 3.0, 10.0))]}, 8)
+
+
+def test_speeds_within_five_percent_count_as_equal_and_the_larger_image_size_wins():
+    small = run("fast_small", 15, 0.748, 12.0, 12.0, 1280 * 1280)
+    large = run("fast_large", 23, 0.765, 15.4, 12.0, 1536 * 1536)
+    assert profiles.choose({"runs": [small, large]}, 24).profile == "fast_large"
+    slower_large = run("slow_large", 23, 0.80, 15.4, 12.0, 1536 * 1536)
+    assert profiles.choose({"runs": [small, slower_large]}, 24).profile == "fast_small"
+
+
+def test_the_worker_passes_the_allow_lossy_setting_to_the_chooser():
+    rows = [run("resident_compiled", None, 0.95, 22.0, 10.0), lossy(run("fp8_faster", None, 0.4, 15.0, 10.0))]
+    gpus = [detect.GpuInfo("NVIDIA H100 80GB HBM3", 79.19, "9.0")]
+    strict = detect.detect(Settings.from_env({}), {"runs": rows}, gpus=gpus)
+    loose = detect.detect(Settings.from_env({"ZFARM_ALLOW_LOSSY": "1"}), {"runs": rows}, gpus=gpus)
+    assert (strict.choice.profile, loose.choice.profile) == ("resident_compiled", "fp8_faster")

@@ -19,6 +19,8 @@ def parse_args(argv):
     ap.add_argument("--vram-gb", type=float, help="play a card of this many GB (ZFARM_VRAM_GB)")
     ap.add_argument("--ram-gb", type=float, help="host RAM to plan for (ZFARM_RAM_GB)")
     ap.add_argument("--profile", help="force a memory/offload profile (ZFARM_PROFILE)")
+    ap.add_argument("--allow-lossy", action="store_const", const="1", default=None,
+                    help="let the chooser pick profiles that change images visibly (ZFARM_ALLOW_LOSSY)")
     ap.add_argument("--simulate", type=float, metavar="SECONDS",
                     help="simulated renderer: SECONDS per 1024x1024 8-step image (load tests only)")
     ap.add_argument("--redis-url", help="ZFARM_REDIS_URL")
@@ -30,7 +32,8 @@ def parse_args(argv):
 
 
 ENV_FOR_FLAG = {"model": "ZFARM_MODEL", "name": "ZFARM_WORKER_NAME", "vram_gb": "ZFARM_VRAM_GB",
-                "ram_gb": "ZFARM_RAM_GB", "profile": "ZFARM_PROFILE", "simulate": "ZFARM_SIMULATE_S",
+                "ram_gb": "ZFARM_RAM_GB", "profile": "ZFARM_PROFILE", "allow_lossy": "ZFARM_ALLOW_LOSSY",
+                "simulate": "ZFARM_SIMULATE_S",
                 "redis_url": "ZFARM_REDIS_URL", "storage_url": "ZFARM_STORAGE_URL"}
 
 

@@ -105,7 +105,8 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
             if vram_class is None:
                 log.warning("%s has %.1f GiB, below the smallest class: rendering on the CPU", gpu.name, gpu.total_gib)
         if vram_class is not None:
-            choice = profiles.choose(table, vram_class, ram_gib, forced=settings.profile)
+            choice = profiles.choose(table, vram_class, ram_gib, forced=settings.profile,
+                                     allow_lossy=settings.allow_lossy)
             return BootInfo(host=host, device="cuda", gpu=gpu.name, vram_gib=vram_gib, vram_class=vram_class,
                             cap_gib=cap_gib, compute_capability=gpu.compute_capability,
                             host_ram_gib=round(ram_gib, 1), choice=choice)
@@ -114,12 +115,14 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
     if settings.vram_gb:
         vram_class = profiles.class_for_override(settings.vram_gb)
         try:
-            choice = profiles.choose(table, vram_class, None, forced=settings.profile)
+            choice = profiles.choose(table, vram_class, None, forced=settings.profile,
+                                     allow_lossy=settings.allow_lossy)
         except profiles.ProfileError:
             choice = profiles.Choice(vram_class, settings.profile or profiles.CPU_CLASS, None, None, None,
                                      profiles.REFERENCE_PIXELS, profiles.CLASS_CAPS_GIB[vram_class])
         return BootInfo(host=host, device="cpu", gpu="cpu", vram_gib=settings.vram_gb, vram_class=vram_class,
                         cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice)
-    choice = profiles.choose(table, profiles.CPU_CLASS, ram_gib, forced=settings.profile)
+    choice = profiles.choose(table, profiles.CPU_CLASS, ram_gib, forced=settings.profile,
+                             allow_lossy=settings.allow_lossy)
     return BootInfo(host=host, device="cpu", gpu="cpu", vram_gib=0.0, vram_class=profiles.CPU_CLASS,
                     cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice)
