@@ -5,15 +5,22 @@ memory as the real model, images are noise), then measures one profile per fresh
 allocator cap (`torch.cuda.set_per_process_memory_fraction`) that plays a smaller card, with the
 worker's own loading and profile code (`worker.pipeline`, `worker.offload`):
 
-  load_s, first_s (first call, compilation included), s_per_image (median of >= 3 warm 1024x1024
+  load_s, first_s (first call, compilation included), s_per_image (median of >= 5 warm 1024x1024
   8-step images), peak allocated/reserved VRAM over load + all 1024x1024 calls, peak host RSS, and
   max_pixels: the largest square side (1280..2048) that renders in 1 step with peak reserved VRAM at
   least HEADROOM_GIB under the cap (compiled blocks run eagerly for these probes, so that each size
   does not recompile; eager needs at least the memory of the compiled code).
 
+With --fidelity-dir each run also keeps two seeds' decoded images, and the matrix ends by comparing
+every run with the bf16 resident eager run (`resident@none`) on the same seeds: relative L2, PSNR,
+largest 8-bit difference, and whether the change counts as visible (worst seed under 40 dB).
+`+batch=N` in a plan item renders N images per pipeline call (exploration, never in the table).
+
   python -m bench.profiles build DIR
   python -m bench.profiles run DIR PROFILE [--cap-gib N] [--set key=value ...] --jsonl FILE
   python -m bench.profiles matrix DIR "PROFILE@CAP[+key=value...]" ... --jsonl FILE [--deadline-s S]
+                                   [--fidelity-dir D]
+  python -m bench.profiles fidelity D [--jsonl FILE]     # compare kept images again
   python -m bench.profiles smoke            # every profile on the tiny pipeline (catches errors cheaply)
   python -m bench.profiles worker-check DIR --vram-class N --table T --jsonl FILE
   python -m bench.profiles table FILE.jsonl ... [--out bench/results/profile_table.json]
@@ -47,7 +54,7 @@ SIZE_PX = 1024
 STEPS = 8
 PROBE_SIDES_PX = (1280, 1536, 1792, 2048)
 PROBE_STEPS = 1
-WARM_IMAGES = 3
+WARM_IMAGES = 5
 # ~100 caption tokens with the chat template, about what a real prompt gives (the pipeline drops padding).
 PROMPT = ("a cinematic photo of an old man with a red lantern on a stone bridge in a chinese traditional "
           "garden at night , rain and fog , neon light on the river , soft shadow , high definition 8k "
@@ -55,6 +62,12 @@ PROMPT = ("a cinematic photo of an old man with a red lantern on a stone bridge 
           "with snow , a green tree and a red flower in the garden , watercolor and ink style , gold and "
           "silver glass , a girl and a boy with a cat and a dog on the street of the city at sunset")
 CUDA_ALLOC_CONF = "expandable_segments:True"
+# Output fidelity: every run with --fidelity-dir keeps these seeds' decoded images; each is compared with
+# the bf16 resident eager run's. Under VISIBLE_PSNR_DB (worst seed) a variant counts as changing images
+# visibly: 40 dB is an RMS difference of 1% of full scale, 2.6 levels of 8 bits.
+FIDELITY_SEEDS = (101, 102)
+REFERENCE_LABEL = "resident@none"
+VISIBLE_PSNR_DB = 40.0
 
 
 def _gib(n_bytes: float) -> float:
@@ -132,8 +145,9 @@ class StageClock:
 
 
 def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict, n: int, size: int, steps: int,
-            probe_sides: tuple, device: str = "cuda") -> dict:
-    """Measure one profile in this process. Returns the run record (ok False with the error on failure)."""
+            probe_sides: tuple, device: str = "cuda", fidelity_dir: str = "", batch: int = 1) -> dict:
+    """Measure one profile in this process. Returns the run record (ok False with the error on failure).
+    With `batch` > 1 each call renders that many images of one prompt; s_per_image is per image."""
     if device == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
@@ -144,7 +158,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
               "first_s": None, "load_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
               "host_rss_gib": None, "max_pixels": None, "size": size, "steps": steps, "n": n,
-              "overrides": overrides or {}, **_environment()}
+              "overrides": overrides or {}, "batch": batch, **_environment()}
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda and cap_gib:
@@ -163,15 +177,17 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["load_s"] = round(time.perf_counter() - t0, 2)
         record["host_rss_after_load_gib"] = _host_peak_rss_gib()
         record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
+        record["fp8_matmul"] = cuda and fp8_matmul_available()
         clock = StageClock(pipe, sync)
 
         def call(seed: int, side: int, n_steps: int) -> float:
             sync()
             t = time.perf_counter()
             pipe(prompt=PROMPT, height=side, width=side, num_inference_steps=n_steps, guidance_scale=0.0,
-                 generator=torch.Generator("cpu").manual_seed(seed), output_type="pil")
+                 generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+                 num_images_per_prompt=batch)
             sync()
-            return time.perf_counter() - t
+            return (time.perf_counter() - t) / batch
 
         stage = "first call"
         record["first_s"] = round(call(0, size, steps), 2)
@@ -193,6 +209,9 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["host_rss_gib"] = _host_peak_rss_gib()
         record["ok"] = True
         record["max_pixels"] = size * size
+        if fidelity_dir and batch == 1:
+            stage = "fidelity images"
+            save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch), size, steps)
         stage = "max_pixels probes"
         record["probes"] = probe_max_pixels(pipe, call, cap_gib, probe_sides, spec.compile and cuda, record)
     except (RuntimeError, MemoryError, ValueError) as exc:
@@ -208,6 +227,71 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     record["host_rss_gib"] = _host_peak_rss_gib() if record["host_rss_gib"] is None else record["host_rss_gib"]
     record["host_rss_end_gib"] = _host_peak_rss_gib()
     return record
+
+
+def fp8_matmul_available() -> bool:
+    from worker import fp8
+
+    return fp8.has_fp8_matmul("cuda")
+
+
+def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1) -> str:
+    """A file-name-safe name of one run: PROFILE@CAP[+key=value...]."""
+    label = f"{profile}@{'none' if cap_gib is None else f'{cap_gib:g}'}"
+    for key, value in sorted((overrides or {}).items()):
+        label += f"+{key}={value}"
+    return label + (f"+batch={batch}" if batch > 1 else "")
+
+
+def save_fidelity_images(pipe, folder: str, label: str, size: int, steps: int) -> None:
+    """Render FIDELITY_SEEDS and keep the decoded images (float, 0..1) for `fidelity()`."""
+    import numpy as np
+    import torch
+
+    out = Path(folder) / label
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in FIDELITY_SEEDS:
+        image = pipe(prompt=PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+        np.save(out / f"seed{seed}.npy", np.asarray(image, dtype=np.float32))
+
+
+def compare_images(image, reference) -> dict:
+    """Relative L2 difference, PSNR (dB, images in 0..1) and the largest difference in 8-bit levels."""
+    import numpy as np
+
+    image, reference = np.asarray(image, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    mse = float(np.mean((image - reference) ** 2))
+    return {"rel_l2": float(np.linalg.norm(image - reference) / max(np.linalg.norm(reference), 1e-12)),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)),
+            "max_abs_8bit": int(round(float(np.max(np.abs(image - reference))) * 255))}
+
+
+def fidelity(folder: str, reference: str = REFERENCE_LABEL) -> list[dict]:
+    """Each run's saved images against the reference run's (bf16, resident, eager), same seeds.
+    A run counts as visibly different when its worst seed is under VISIBLE_PSNR_DB."""
+    import numpy as np
+
+    root = Path(folder)
+    ref_dir = root / reference
+    if not ref_dir.is_dir():
+        raise SystemExit(f"no reference images in {ref_dir}: run {reference} with --fidelity-dir first")
+    records = []
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != reference):
+        seeds = []
+        for ref_file in sorted(ref_dir.glob("seed*.npy")):
+            other = run_dir / ref_file.name
+            if other.exists():
+                seeds.append({"seed": int(ref_file.stem[4:]), **compare_images(np.load(other), np.load(ref_file))})
+        if not seeds:
+            continue
+        worst = min(seeds, key=lambda s: s["psnr_db"])
+        records.append({"check": "fidelity", "run": run_dir.name, "reference": reference, "seeds": seeds,
+                        "rel_l2_mean": round(statistics.mean(s["rel_l2"] for s in seeds), 5),
+                        "psnr_db_min": round(worst["psnr_db"], 2), "max_abs_8bit": max(s["max_abs_8bit"] for s in seeds),
+                        "visibly_different": worst["psnr_db"] < VISIBLE_PSNR_DB,
+                        "date": time.strftime("%Y-%m-%d", time.gmtime())})
+    return records
 
 
 def probe_max_pixels(pipe, call, cap_gib, sides, compiled: bool, record: dict) -> list[dict]:
@@ -263,7 +347,8 @@ def _summary(record: dict) -> str:
             f"first={record['first_s']:.1f} load={record['load_s']:.1f} alloc={record['peak_alloc_gib']} "
             f"reserved={record['peak_reserved_gib']} rss={record['host_rss_gib']} "
             f"max_side={int((record.get('max_pixels') or 0) ** 0.5)} te={stages.get('text_encoder')} "
-            f"vae={stages.get('vae_decode')} {record.get('overrides') or ''}")
+            f"vae={stages.get('vae_decode')} {record.get('overrides') or ''}"
+            + (f" batch={record['batch']}" if record.get("batch", 1) > 1 else ""))
 
 
 def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
@@ -274,7 +359,8 @@ def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
     return profile, cap_gib, sets
 
 
-def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int) -> None:
+def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int,
+               fidelity_dir: str = "") -> None:
     started = time.monotonic()
     for item in plan:
         profile, cap_gib, sets = parse_plan_item(item)
@@ -284,6 +370,7 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
         with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
             cmd = [sys.executable, "-m", "bench.profiles", "run", model_dir, profile, "--n", str(n),
                    "--result", result.name] + (["--cap-gib", str(cap_gib)] if cap_gib else [])
+            cmd += ["--fidelity-dir", fidelity_dir] if fidelity_dir else []
             for s in sets:
                 cmd += ["--set", s]
             t0 = time.monotonic()
@@ -301,6 +388,16 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
             record["wall_s"] = round(time.monotonic() - t0, 1)
         _append(jsonl, record)
         print(_summary(record), flush=True)
+    if fidelity_dir and (Path(fidelity_dir) / REFERENCE_LABEL).is_dir():
+        for record in fidelity(fidelity_dir):
+            _append(jsonl, record)
+            print(_fidelity_summary(record), flush=True)
+
+
+def _fidelity_summary(record: dict) -> str:
+    return (f"fidelity {record['run']:40s} vs {record['reference']}: psnr_min={record['psnr_db_min']} dB "
+            f"rel_l2={record['rel_l2_mean']} max_abs_8bit={record['max_abs_8bit']} "
+            f"{'VISIBLY DIFFERENT' if record['visibly_different'] else 'not visibly different'}")
 
 
 def smoke(device: str) -> int:
@@ -379,31 +476,50 @@ def worker_check(model_dir: str, vram_class: int, table_path: str, jsonl: str, r
 def build_table(jsonl_paths: list[str], out: Path) -> dict:
     """The chooser's table from raw runs: the latest run of each (profile, cap) whose applied spec is
     the profile's current definition (a run made with --set overrides counts once the definition
-    adopts exactly those settings; runs of an older definition drop out). Failed runs stay in."""
-    from worker.offload import PROFILES, spec_for
+    adopts exactly those settings; runs of an older definition drop out). Failed runs stay in.
+
+    Each row says whether the profile is lossy (`worker.offload.is_lossy`) and carries the fidelity
+    comparison made for that very run, when the matrix made one (a fidelity record names its run by
+    label and follows it in the file)."""
+    import dataclasses
+
+    from worker.offload import PROFILES, Spec, is_lossy, spec_for
+
+    # A field added to Spec after a run was recorded had its default then.
+    field_defaults = {f.name: f.default for f in dataclasses.fields(Spec) if f.name != "description"}
 
     def current(rec: dict) -> bool:
         applied = rec.get("spec")
         if applied is None:  # failed before the profile was applied: keep only plain attempts
             return not rec.get("overrides")
+        applied = {**field_defaults, **applied}
         defined = {k: v for k, v in vars(spec_for(rec["profile"])).items() if k != "description"}
         return applied == defined
 
     runs: dict = {}
     env: dict = {}
+    by_label: dict = {}   # run label -> the table key of the latest current run with that label
     for path in jsonl_paths:
         for line in Path(path).read_text().splitlines():
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if rec.get("check") or rec.get("profile") not in PROFILES or not current(rec):
+            if rec.get("check") == "fidelity":
+                key = by_label.get(rec["run"])
+                if key is not None and key in runs:
+                    runs[key]["fidelity"] = {k: rec[k] for k in ("reference", "psnr_db_min", "rel_l2_mean",
+                                                                   "max_abs_8bit", "visibly_different")}
                 continue
-            runs[(rec["profile"], rec.get("cap_gib"))] = rec
+            if rec.get("check") or rec.get("profile") not in PROFILES or rec.get("batch", 1) != 1 or not current(rec):
+                continue
+            key = (rec["profile"], rec.get("cap_gib"))
+            runs[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])))
+            by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"))] = key
             if rec.get("ok"):
                 env = rec
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
-            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n")
-    extra = ("stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
+            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
+    extra = ("fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
             for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
     table = {"schema": 1,
@@ -411,6 +527,8 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
                                                   "alloc_conf")} | {"size": SIZE_PX, "steps": STEPS,
                                                                     "weights": "random (same architecture and "
                                                                                "sizes as Z-Image-Turbo)"},
+             "fidelity_rule": {"reference": REFERENCE_LABEL, "seeds": list(FIDELITY_SEEDS),
+                               "visible_below_psnr_db": VISIBLE_PSNR_DB},
              "profiles": dict(PROFILES), "runs": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
@@ -451,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--jsonl")
     p.add_argument("--result", help="write the record here (used by matrix)")
+    p.add_argument("--fidelity-dir", default="", help="keep the fidelity seeds' images here")
     p = sub.add_parser("matrix", help="measure each PROFILE@CAP in a fresh process")
     p.add_argument("dir")
     p.add_argument("plan", nargs="+")
@@ -458,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=int, default=300)
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
     p.add_argument("--n", type=int, default=WARM_IMAGES)
+    p.add_argument("--fidelity-dir", default="", help="keep images and compare each run with " + REFERENCE_LABEL)
+    p = sub.add_parser("fidelity", help="compare the images kept in DIR with the reference run's")
+    p.add_argument("dir")
+    p.add_argument("--reference", default=REFERENCE_LABEL)
+    p.add_argument("--jsonl")
     p = sub.add_parser("smoke", help="every profile on the tiny pipeline, in one process")
     p.add_argument("--device", default="cuda")
     p = sub.add_parser("worker-check", help="the worker's renderer on the chosen profile under a class cap")
@@ -481,8 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(tiny.build_full(args.dir)), flush=True)
         return 0
     if args.command == "run":
-        record = measure(args.dir, args.profile, args.cap_gib, _parse_overrides(args.set), args.n, args.size,
-                         args.steps, PROBE_SIDES_PX, args.device)
+        overrides = _parse_overrides(args.set)
+        batch = int(overrides.pop("batch", 1))   # images per call: a run setting, not a profile field
+        record = measure(args.dir, args.profile, args.cap_gib, overrides, args.n, args.size,
+                         args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch)
         if args.result:
             Path(args.result).write_text(json.dumps(record))
         if args.jsonl:
@@ -490,7 +616,13 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary(record), flush=True)
         return 0 if record["ok"] else 1
     if args.command == "matrix":
-        run_matrix(args.dir, args.plan, args.jsonl, args.timeout_s, args.deadline_s, args.n)
+        run_matrix(args.dir, args.plan, args.jsonl, args.timeout_s, args.deadline_s, args.n, args.fidelity_dir)
+        return 0
+    if args.command == "fidelity":
+        for record in fidelity(args.dir, args.reference):
+            if args.jsonl:
+                _append(args.jsonl, record)
+            print(_fidelity_summary(record), flush=True)
         return 0
     if args.command == "smoke":
         return smoke(args.device)

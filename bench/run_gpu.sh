@@ -6,9 +6,12 @@
 #   bash bench/run_gpu.sh matrix PROFILE@CAP ...      # each in a fresh process; CAP in GiB or "none"
 #   bash bench/run_gpu.sh worker CLASS ...            # worker.diffusion on the chosen profile under the class cap
 #   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
+#   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
 #
 # Raw results append to $RESULTS_DIR/runs.jsonl (default bench/results; $OUT on the lent device machine).
-# Wheels in ./.whl (diffusers, importlib_metadata) are installed first where the machine lacks them.
+# Wheels in ./.whl are installed first where the machine lacks packages (diffusers and importlib_metadata
+# for the matrix; celery, kombu, redis and the rest of the worker's for coldstart), and a redis-server
+# bundled in ./.redis (binary plus lib/) serves coldstart where none is on PATH.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
   # Installed once per machine; later calls (and concurrent ones) reuse it.
@@ -30,12 +33,24 @@ case "$cmd" in
   matrix)
     python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
     python3 -m bench.profiles matrix "$DIR" "$@" --jsonl "$RESULTS_DIR/runs.jsonl" \
-      --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" ;;
+      --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" \
+      --fidelity-dir "${FIDELITY_DIR:-/tmp/zfarm-fidelity}" ;;
   worker)
     for c in "$@"; do
       python3 -m bench.profiles worker-check "$DIR" --vram-class "$c" --jsonl "$RESULTS_DIR/worker_check.jsonl" \
         2>"$RESULTS_DIR/worker_check_$c.err" | tail -1 || tail -5 "$RESULTS_DIR/worker_check_$c.err"
     done ;;
   table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
-  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table" >&2; exit 2 ;;
+  coldstart)
+    python3 -c 'import celery, kombu, redis, diffusers; print("celery", celery.__version__, "kombu", kombu.__version__,
+                "redis", redis.__version__, "diffusers", diffusers.__version__)' || exit 1
+    python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
+    redis_args=()
+    if [ -x .redis/redis-server ]; then  # bundled binary; its lib/ goes on LD_LIBRARY_PATH for redis-server only
+      redis_args=(--redis-server "$PWD/.redis/redis-server" --redis-lib "$PWD/.redis/lib")
+    fi
+    python3 -m bench.cold_start "$DIR" --jsonl "$RESULTS_DIR/cold_start.jsonl" --keep "$RESULTS_DIR/cold_start" \
+      --compile-cache-dir "${COMPILE_CACHE_DIR:-/tmp/zfarm-compile-cache}" \
+      ${redis_args[@]+"${redis_args[@]}"} "$@" ;;
+  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart" >&2; exit 2 ;;
 esac
