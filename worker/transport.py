@@ -52,6 +52,17 @@ class Refused(ValueError):
     """Raised when a queue item is not a zfarm job message; the text says why."""
 
 
+def _known_object(payload: dict, name: str, known: set, unknown_text: str) -> dict:
+    """payload[name], which must be an object holding only known keys."""
+    value = payload.get(name)
+    if not isinstance(value, dict):
+        raise Refused(f"envelope has no {name} object")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise Refused(f"{unknown_text} {unknown[0]!r:.40}")
+    return value
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -94,12 +105,7 @@ def check_envelope(payload, max_time_limit_s: float) -> None:
     if payload.get("content-encoding") != "utf-8":
         raise Refused(f"content encoding {payload.get('content-encoding')!r:.40} refused: utf-8 only")
 
-    properties = payload.get("properties")
-    if not isinstance(properties, dict):
-        raise Refused("envelope has no properties object")
-    unknown = sorted(set(properties) - PROPERTY_KEYS)
-    if unknown:
-        raise Refused(f"envelope has unknown property {unknown[0]!r:.40}")
+    properties = _known_object(payload, "properties", PROPERTY_KEYS, "envelope has unknown property")
     tag = properties.get("delivery_tag")
     if not isinstance(tag, str) or not 0 < len(tag) <= ID_MAX_CHARS:
         raise Refused("envelope's properties.delivery_tag is not a short string")
@@ -118,12 +124,7 @@ def check_envelope(payload, max_time_limit_s: float) -> None:
     for name in ("correlation_id", "reply_to"):
         _optional_text(properties, name, ID_MAX_CHARS)
 
-    headers = payload.get("headers")
-    if not isinstance(headers, dict):
-        raise Refused("envelope has no headers object")
-    unknown = sorted(set(headers) - HEADER_KEYS)
-    if unknown:
-        raise Refused(f"message has unknown header {unknown[0]!r:.40}")
+    headers = _known_object(payload, "headers", HEADER_KEYS, "message has unknown header")
     if headers.get("task") != RENDER_TASK:
         raise Refused(f"message names an unknown task {headers.get('task')!r:.60}: only {RENDER_TASK} "
                       "runs from zfarm queues")
