@@ -267,9 +267,10 @@ def compare_images(image, reference) -> dict:
             "max_abs_8bit": int(round(float(np.max(np.abs(image - reference))) * 255))}
 
 
-def fidelity(folder: str, reference: str = REFERENCE_LABEL) -> list[dict]:
-    """Each run's saved images against the reference run's (bf16, resident, eager), same seeds.
-    A run counts as visibly different when its worst seed is under VISIBLE_PSNR_DB."""
+def fidelity(folder: str, reference: str = REFERENCE_LABEL, runs: list[str] | None = None) -> list[dict]:
+    """Each run's saved images (every run in `folder`, or the labels in `runs`) against the reference
+    run's (bf16, resident, eager), same seeds. A run counts as visibly different when its worst seed
+    is under VISIBLE_PSNR_DB."""
     import numpy as np
 
     root = Path(folder)
@@ -277,7 +278,8 @@ def fidelity(folder: str, reference: str = REFERENCE_LABEL) -> list[dict]:
     if not ref_dir.is_dir():
         raise SystemExit(f"no reference images in {ref_dir}: run {reference} with --fidelity-dir first")
     records = []
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != reference):
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != reference
+                          and (runs is None or p.name in runs)):
         seeds = []
         for ref_file in sorted(ref_dir.glob("seed*.npy")):
             other = run_dir / ref_file.name
@@ -362,8 +364,11 @@ def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
 def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int,
                fidelity_dir: str = "") -> None:
     started = time.monotonic()
+    labels = []   # this matrix's runs: the fidelity folder may hold images of earlier ones
     for item in plan:
         profile, cap_gib, sets = parse_plan_item(item)
+        overrides = _parse_overrides(sets)
+        labels.append(run_label(profile, cap_gib, overrides, int(overrides.pop("batch", 1))))
         if time.monotonic() - started > deadline_s:
             print(f"{item}: skipped (deadline {deadline_s:.0f} s reached)", flush=True)
             continue
@@ -389,7 +394,7 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
         _append(jsonl, record)
         print(_summary(record), flush=True)
     if fidelity_dir and (Path(fidelity_dir) / REFERENCE_LABEL).is_dir():
-        for record in fidelity(fidelity_dir):
+        for record in fidelity(fidelity_dir, runs=labels):
             _append(jsonl, record)
             print(_fidelity_summary(record), flush=True)
 

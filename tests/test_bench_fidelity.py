@@ -98,3 +98,14 @@ def test_a_run_recorded_before_a_spec_field_existed_still_counts_with_that_field
     raw.write_text(json.dumps(old) + "\n")
     table = bench.build_table([str(raw)], tmp_path / "table.json")
     assert [r["profile"] for r in table["runs"]] == ["resident_compiled"]
+
+
+def test_the_comparison_can_be_limited_to_one_matrixs_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    reference = [rng.uniform(0, 1, (16, 16, 3)) for _ in bench.FIDELITY_SEEDS]
+    save_run(tmp_path, bench.REFERENCE_LABEL, reference)
+    save_run(tmp_path, "from_an_earlier_matrix@none", reference)
+    save_run(tmp_path, "fp8mm_compiled@23+vae_compile=True", reference)
+    label = bench.run_label(*bench.parse_plan_item("fp8mm_compiled@23+vae_compile=true")[:2],
+                            bench._parse_overrides(["vae_compile=true"]))
+    assert [r["run"] for r in bench.fidelity(str(tmp_path), runs=[label])] == [label]
