@@ -103,6 +103,12 @@ def _environment() -> dict:
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
 
 
+def _split_run_settings(items: list[str]) -> tuple[dict, int]:
+    """(profile field overrides, images per call) from key=value items: batch is a run setting."""
+    overrides = _parse_overrides(items)
+    return overrides, int(overrides.pop("batch", 1))
+
+
 def _parse_overrides(items: list[str]) -> dict:
     """key=value pairs for worker.offload.Spec fields (ints and booleans parsed)."""
     out = {}
@@ -152,7 +158,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
 
-    from worker import offload, pipeline
+    from worker import fp8, offload, pipeline
     from worker.diffusion import is_out_of_memory
 
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
@@ -177,7 +183,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["load_s"] = round(time.perf_counter() - t0, 2)
         record["host_rss_after_load_gib"] = _host_peak_rss_gib()
         record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
-        record["fp8_matmul"] = cuda and fp8_matmul_available()
+        record["fp8_matmul"] = fp8.has_fp8_matmul(device)
         clock = StageClock(pipe, sync)
 
         def call(seed: int, side: int, n_steps: int) -> float:
@@ -227,12 +233,6 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     record["host_rss_gib"] = _host_peak_rss_gib() if record["host_rss_gib"] is None else record["host_rss_gib"]
     record["host_rss_end_gib"] = _host_peak_rss_gib()
     return record
-
-
-def fp8_matmul_available() -> bool:
-    from worker import fp8
-
-    return fp8.has_fp8_matmul("cuda")
 
 
 def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1) -> str:
@@ -367,8 +367,7 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
     labels = []   # this matrix's runs: the fidelity folder may hold images of earlier ones
     for item in plan:
         profile, cap_gib, sets = parse_plan_item(item)
-        overrides = _parse_overrides(sets)
-        labels.append(run_label(profile, cap_gib, overrides, int(overrides.pop("batch", 1))))
+        labels.append(run_label(profile, cap_gib, *_split_run_settings(sets)))
         if time.monotonic() - started > deadline_s:
             print(f"{item}: skipped (deadline {deadline_s:.0f} s reached)", flush=True)
             continue
@@ -610,8 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(tiny.build_full(args.dir)), flush=True)
         return 0
     if args.command == "run":
-        overrides = _parse_overrides(args.set)
-        batch = int(overrides.pop("batch", 1))   # images per call: a run setting, not a profile field
+        overrides, batch = _split_run_settings(args.set)
         record = measure(args.dir, args.profile, args.cap_gib, overrides, args.n, args.size,
                          args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch)
         if args.result:
