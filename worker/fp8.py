@@ -50,11 +50,14 @@ class Fp8Linear(torch.nn.Module):
     block's buffers to the GPU but never back, so fp8 buffers would pile up on the card."""
 
     def __init__(self, weight_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype, fp8_matmul: bool):
+                 compute_dtype: torch.dtype, fp8_matmul: bool, fast_accum: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         self.compute_dtype = compute_dtype
         self.fp8_matmul = fp8_matmul
+        # Hopper's fp8 tensor cores accumulate in reduced precision unless the kernel promotes partial
+        # sums to float32 every few steps; fast_accum skips that promotion (faster, slightly less exact).
+        self.fast_accum = fast_accum
         self.weight = torch.nn.Parameter(weight_fp8, requires_grad=False)
         # (1, out) for _scaled_mm's row-wise scale of the second operand; float32 as it requires.
         self.weight_scale = torch.nn.Parameter(scale.reshape(1, -1).contiguous(), requires_grad=False)
@@ -63,11 +66,24 @@ class Fp8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8_matmul: bool,
-                    device=None) -> "Fp8Linear":
+                    device=None, fast_accum: bool = False) -> "Fp8Linear":
         weight = linear.weight if device is None else linear.weight.to(device)
         bias = None if linear.bias is None else (linear.bias if device is None else linear.bias.to(device))
         weight_fp8, scale = quantize_weight(weight)
-        return cls(weight_fp8, scale, bias, compute_dtype, fp8_matmul)
+        return cls(weight_fp8, scale, bias, compute_dtype, fp8_matmul, fast_accum)
+
+    @classmethod
+    def concat(cls, layers: list["Fp8Linear"]) -> "Fp8Linear":
+        """One layer computing all of `layers` (same input) side by side on the output axis. Exact: each
+        output channel keeps its own weight scale, and the input's row scales do not depend on the weight."""
+        first = layers[0]
+        biases = [layer.bias for layer in layers]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            raise ValueError("cannot fuse layers where only some have a bias")
+        bias = None if biases[0] is None else torch.cat([b.data for b in biases])
+        return cls(torch.cat([layer.weight.data for layer in layers]),
+                   torch.cat([layer.weight_scale.data for layer in layers], dim=1).reshape(-1, 1),
+                   bias, first.compute_dtype, first.fp8_matmul, first.fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8_matmul:
@@ -78,14 +94,14 @@ class Fp8Linear(torch.nn.Module):
         x_scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
         x_fp8 = (x32 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                               out_dtype=self.compute_dtype)
+                               out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fp8_matmul={self.fp8_matmul}")
+                f"bias={self.bias is not None}, fp8_matmul={self.fp8_matmul}, fast_accum={self.fast_accum}")
 
 
 def _convertible(name: str, module: torch.nn.Module, pattern: re.Pattern) -> bool:
@@ -99,7 +115,7 @@ def targets_for(model: torch.nn.Module) -> re.Pattern:
 
 
 def convert(model: torch.nn.Module, compute_dtype: torch.dtype, fp8_matmul: bool, work_device=None,
-            out_device=None, pattern: re.Pattern | None = None) -> int:
+            out_device=None, pattern: re.Pattern | None = None, fast_accum: bool = False) -> int:
     """Replace the model's target Linear layers with Fp8Linear, one at a time.
 
     Each weight is quantised on `work_device` (the GPU: seconds for billions of weights, where the CPU
@@ -111,7 +127,8 @@ def convert(model: torch.nn.Module, compute_dtype: torch.dtype, fp8_matmul: bool
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = Fp8Linear.from_linear(getattr(parent, child), compute_dtype, fp8_matmul, device=work_device)
+        layer = Fp8Linear.from_linear(getattr(parent, child), compute_dtype, fp8_matmul, device=work_device,
+                                      fast_accum=fast_accum)
         if out_device is not None:
             layer = layer.to(out_device)
         setattr(parent, child, layer)

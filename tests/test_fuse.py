@@ -1,0 +1,71 @@
+"""Fused DiT projections (worker.fuse), on the CPU: the fused model computes what the unfused one did,
+in full precision and with native fp8 layers, and only Z-Image's block projections change."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker import fp8, fuse, offload, pipeline
+
+
+def dit_output(transformer, seed: int = 0) -> torch.Tensor:
+    """One DiT forward on fixed random latents and caption features of the tiny model's sizes."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    channels = transformer.config.in_channels
+    cap_dim = transformer.config.cap_feat_dim
+    latents = [torch.randn(channels, 1, 16, 16, generator=g)]
+    caption = [torch.randn(7, cap_dim, generator=g)]
+    with torch.no_grad():
+        out = transformer(latents, torch.tensor([0.5]), caption, return_dict=False)[0]
+    return torch.stack([o.float() for o in out])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_fusing_the_projections_changes_no_output_of_the_full_precision_dit(tiny_dir):
+    pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+    before = dit_output(pipe.transformer)
+    blocks = fuse.fuse_projections(pipe.transformer)
+    names = {name for name, _ in pipe.transformer.named_modules()}
+    assert blocks == sum(len(getattr(pipe.transformer, n)) for n in fuse.BLOCK_LISTS) > 0
+    assert "layers.0.attention.to_qkv" in names and "layers.0.attention.to_q" not in names
+    assert "layers.0.feed_forward.w13" in names and "layers.0.feed_forward.w1" not in names
+    assert relative_error(dit_output(pipe.transformer), before) < 1e-5
+
+
+def test_fusing_native_fp8_layers_keeps_each_channels_scale_so_the_output_is_unchanged(tiny_dir):
+    pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+    fp8.convert(pipe.transformer, torch.float32, fp8_matmul=False)
+    before = dit_output(pipe.transformer)
+    fuse.fuse_projections(pipe.transformer)
+    qkv = pipe.transformer.layers[0].attention.to_qkv
+    assert isinstance(qkv, fp8.Fp8Linear) and qkv.weight.dtype == fp8.FP8_DTYPE
+    assert qkv.weight_scale.shape == (1, qkv.out_features)
+    assert relative_error(dit_output(pipe.transformer), before) < 1e-5
+
+
+def test_linear_layers_of_different_kinds_are_refused_rather_than_fused():
+    plain = torch.nn.Linear(32, 16, bias=False)
+    converted = fp8.Fp8Linear.from_linear(torch.nn.Linear(32, 16, bias=False), torch.float32, False)
+    with pytest.raises(TypeError, match="cannot fuse"):
+        fuse.concat_linears([plain, converted])
+
+
+def test_a_fused_profile_with_layerwise_fp8_casting_is_refused_when_defined():
+    with pytest.raises(ValueError, match="fuse_projections"):
+        offload.spec_for("group_stream_fp8", {"fuse_projections": True})
+
+
+def test_a_fused_tiny_pipeline_draws_the_same_image_as_the_unfused_one(tiny_dir):
+    images = []
+    for fused in (False, True):
+        pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+        if fused:
+            fuse.fuse_projections(pipe.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(prompt="a lighthouse at dusk", height=128, width=128, num_inference_steps=2, guidance_scale=0.0,
+                   generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+        images.append(torch.from_numpy(out))
+    assert (images[0] - images[1]).abs().max().item() < 1e-4
