@@ -73,7 +73,8 @@ def test_a_pipeline_with_both_models_converted_still_renders_the_requested_size(
 
 @pytest.mark.parametrize("name, expected", [
     ("resident", False), ("resident_compiled", False), ("fp8mm_compiled", True), ("te_fp8_resident", True),
-    ("group_stream", False), ("group_stream_fp8", True), ("sequential", False)])
+    ("group_stream", False), ("group_stream_fp8", True), ("sequential", False), ("fp8mm_fast_compiled", True),
+    ("fp8mm_stream", True)])
 def test_a_profile_is_lossy_when_it_stores_or_multiplies_in_fp8(name, expected):
     assert offload.is_lossy(offload.spec_for(name)) is expected
 
@@ -84,3 +85,13 @@ def test_the_native_fp8_profiles_load_their_fp8_models_on_the_host_and_convert_o
     assert offload.gpu_components("fp8mm_both_compiled") == ("vae",)
     with pytest.raises(offload.ProfileError, match="needs a CUDA GPU"):
         offload.apply_profile(object(), "fp8mm_compiled", "cpu")
+
+
+def test_fast_accumulation_is_carried_into_every_converted_layer_and_its_fused_forms(tiny_dir):
+    from worker import fuse
+
+    pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+    fp8.convert(pipe.transformer, torch.float32, fp8_matmul=False, fast_accum=True)
+    fuse.fuse_projections(pipe.transformer)
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, fp8.Fp8Linear)]
+    assert layers and all(layer.fast_accum for layer in layers)
