@@ -36,7 +36,7 @@ One JSON line per start on stdout (appended to `--jsonl`); progress and log tail
 when every start stored its image, started no job before ready, and the worker exited on SIGTERM.
 Times `to_*_s` count from the worker's process start. `load_s` is the registry's (the whole renderer
 load in the rendering process: imports, weights, profile, warm-up); `renderer_load_s` and
-`renderer_warmup_s` are the renderer's own split, read from its "renderer ready" log line; `render_s`
+`renderer_warmup_s` (and `renderer_load_stages_s`: imports, CUDA init, read, place, warm-up) are the renderer's own split, read from its "renderer ready" log line; `render_s`
 is the first job's, from its sidecar.
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ def renderer_facts(text: str) -> dict:
     except (ValueError, SyntaxError):
         return out
     if isinstance(described, dict):
-        out.update({f"renderer_{k}": described[k] for k in ("load_s", "warmup_s", "compile_cache_dir", "applied")
+        out.update({f"renderer_{k}": described[k] for k in ("load_s", "warmup_s", "load_stages_s", "compile_cache_dir", "applied")
                     if k in described})
     return out
 

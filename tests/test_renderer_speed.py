@@ -175,6 +175,11 @@ def test_load_ends_with_one_small_1_step_warm_up_call_timed_apart_from_loading(t
     assert isinstance(described["load_s"], float)
     # The warm-up went around the prompt cache: jobs find it empty.
     assert described["prompt_cache"]["entries"] == 0
+    # Where the load went, stage by stage (on the CPU there is no CUDA context to make).
+    stages = described["load_stages_s"]
+    assert list(stages) == ["imports", "cuda_init", "read", "place", "warmup"]
+    assert all(isinstance(v, float) and v >= 0 for v in stages.values())
+    assert stages["warmup"] == described["warmup_s"] and stages["cuda_init"] == 0.0
 
 
 def test_with_warm_up_turned_off_load_makes_no_pipeline_call(tiny_dir, tmp_path, pipeline_calls):
