@@ -489,14 +489,15 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
 
     from worker.offload import PROFILES, Spec, is_lossy, spec_for
 
-    # A field added to Spec after a run was recorded had its default then.
+    # A field added to Spec after a run was recorded had its default then; one removed since (an option
+    # measured and dropped) is ignored.
     field_defaults = {f.name: f.default for f in dataclasses.fields(Spec) if f.name != "description"}
 
     def current(rec: dict) -> bool:
         applied = rec.get("spec")
         if applied is None:  # failed before the profile was applied: keep only plain attempts
             return not rec.get("overrides")
-        applied = {**field_defaults, **applied}
+        applied = {k: v for k, v in {**field_defaults, **applied}.items() if k in field_defaults}
         defined = {k: v for k, v in vars(spec_for(rec["profile"])).items() if k != "description"}
         return applied == defined
 

@@ -7,6 +7,7 @@
 #   bash bench/run_gpu.sh worker CLASS ...            # worker.diffusion on the chosen profile under the class cap
 #   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
 #   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
+#   bash bench/run_gpu.sh kernels                     # attention and matmul kernels on the DiT's shapes
 #
 # Raw results append to $RESULTS_DIR/runs.jsonl (default bench/results; $OUT on the lent device machine).
 # Wheels in ./.whl are installed first where the machine lacks packages (diffusers and importlib_metadata
@@ -14,9 +15,10 @@
 # bundled in ./.redis (binary plus lib/) serves coldstart where none is on PATH.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then
-  # Installed once per machine; later calls (and concurrent ones) reuse it.
+  # Installed once per machine; later calls (and concurrent ones) reuse it. Byte-compiled as pip does by
+  # default (and as the Docker image is): a worker's cold start otherwise compiles every module it imports.
   if [ ! -f /tmp/site/.zfarm-installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl && touch /tmp/site/.zfarm-installed || exit 1
   fi
   export PYTHONPATH=/tmp/site
@@ -40,6 +42,7 @@ case "$cmd" in
       python3 -m bench.profiles worker-check "$DIR" --vram-class "$c" --jsonl "$RESULTS_DIR/worker_check.jsonl" \
         2>"$RESULTS_DIR/worker_check_$c.err" | tail -1 || tail -5 "$RESULTS_DIR/worker_check_$c.err"
     done ;;
+  kernels) python3 -m bench.kernels --jsonl "$RESULTS_DIR/kernels.jsonl" "$@" ;;
   table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
   coldstart)
     python3 -c 'import celery, kombu, redis, diffusers; print("celery", celery.__version__, "kombu", kombu.__version__,
@@ -52,5 +55,5 @@ case "$cmd" in
     python3 -m bench.cold_start "$DIR" --jsonl "$RESULTS_DIR/cold_start.jsonl" --keep "$RESULTS_DIR/cold_start" \
       --compile-cache-dir "${COMPILE_CACHE_DIR:-/tmp/zfarm-compile-cache}" \
       ${redis_args[@]+"${redis_args[@]}"} "$@" ;;
-  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart" >&2; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart|kernels" >&2; exit 2 ;;
 esac

@@ -109,3 +109,12 @@ def test_the_comparison_can_be_limited_to_one_matrixs_runs(tmp_path):
     label = bench.run_label(*bench.parse_plan_item("fp8mm_compiled@23+vae_compile=true")[:2],
                             bench._parse_overrides(["vae_compile=true"]))
     assert [r["run"] for r in bench.fidelity(str(tmp_path), runs=[label])] == [label]
+
+
+def test_a_run_recorded_with_a_spec_field_since_removed_still_counts(tmp_path):
+    old = measured("resident_compiled", None, 0.95)
+    old["spec"]["te_compile"] = False   # an option measured in an earlier version and dropped
+    raw = tmp_path / "runs.jsonl"
+    raw.write_text(json.dumps(old) + "\n")
+    table = bench.build_table([str(raw)], tmp_path / "table.json")
+    assert [r["profile"] for r in table["runs"]] == ["resident_compiled"]

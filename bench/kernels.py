@@ -1,0 +1,136 @@
+"""Kernel timings behind the DiT's speed, on a GPU (a measuring tool, not a test).
+
+One Z-Image block at 1024x1024 works on 4096 image + up to 512 caption tokens (4224 with a short
+caption), model width 3840, 30 heads of 128, feed-forward 10240. This times, on those exact shapes:
+  - attention with each of torch's SDPA kernels (flash, cuDNN, memory-efficient), bf16;
+  - the block's matmuls in bf16 and in native fp8 (worker.fp8: row-wise scales, _scaled_mm), separate
+    and fused (q/k/v as one, w1/w3 as one), with and without fast accumulation.
+Each line is printed with its TFLOP/s and appended to --jsonl.
+
+  python -m bench.kernels [--tokens 4224] [--jsonl FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+DIM, HEADS, HEAD_DIM, FFN = 3840, 30, 128, 10240
+
+
+def _time_ms(fn, repeats: int = 50) -> float:
+    import torch
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def attention_rows(tokens: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flop = 4 * tokens * tokens * HEAD_DIM * HEADS
+    rows = []
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+            rows.append({"kernel": f"attention {name}", "ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)})
+        except RuntimeError as exc:
+            rows.append({"kernel": f"attention {name}", "error": " ".join(str(exc).split())[:200]})
+    return rows
+
+
+def matmul_rows(tokens: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from worker import fp8
+
+    x = torch.randn(tokens, DIM, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(tokens, FFN, device="cuda", dtype=torch.bfloat16)
+    rows = []
+
+    def weight(n_out, n_in):
+        return torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in ** 0.5
+
+    groups = {  # name: (input, [output widths]) ; fused = one layer of the summed width
+        "qkv": (x, [DIM, DIM, DIM]), "w1w3": (x, [FFN, FFN]), "out": (x, [DIM]), "w2": (h, [DIM])}
+    for name, (inp, widths) in groups.items():
+        n_in = inp.shape[1]
+        flop = 2 * tokens * n_in * sum(widths)
+        linears = [torch.nn.Linear(n_in, w, bias=False, device="cuda", dtype=torch.bfloat16) for w in widths]
+        for lin, w in zip(linears, widths):
+            lin.weight.data = weight(w, n_in)
+        variants = {"bf16": lambda: [F.linear(inp, lin.weight) for lin in linears]}
+        if len(linears) > 1:
+            from worker.fuse import concat_linears
+
+            fused_bf16 = concat_linears(linears)
+            variants["bf16 fused"] = lambda f=fused_bf16: F.linear(inp, f.weight)
+        # fp8: the matmuls alone, on an input scaled and rounded once beforehand (in the compiled blocks
+        # that rounding is fused into the kernel before, so it is left out here).
+        rows_fp8, scale_a = _quantize_rows(inp)
+        layers = [fp8.Fp8Linear.from_linear(lin, torch.bfloat16, True) for lin in linears]
+        fused = fp8.Fp8Linear.concat(layers) if len(layers) > 1 else None
+        for fast in (False, True):
+            tag = "fp8" + (" fast" if fast else "")
+            variants[tag] = (lambda f=fast: [_scaled(rows_fp8, scale_a, layer, f) for layer in layers])
+            if fused is not None:
+                variants[tag + " fused"] = (lambda f=fast: _scaled(rows_fp8, scale_a, fused, f))
+        for tag, fn in variants.items():
+            ms = _time_ms(fn)
+            rows.append({"kernel": f"{name} {tag}", "ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)})
+    return rows
+
+
+def _quantize_rows(x):
+    import torch
+
+    from worker import fp8
+
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
+    return (x32 / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE), scale
+
+
+def _scaled(x_fp8, scale_a, layer, fast: bool):
+    import torch
+
+    return torch._scaled_mm(x_fp8, layer.weight.t(), scale_a=scale_a, scale_b=layer.weight_scale,
+                            out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4224)
+    parser.add_argument("--jsonl", default="")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.kernels needs a CUDA GPU")
+    env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": args.tokens,
+           "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    for row in attention_rows(args.tokens) + matmul_rows(args.tokens):
+        row = {**row, **env}
+        print(json.dumps(row), flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
