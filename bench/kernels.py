@@ -12,7 +12,6 @@ Each line is printed with its TFLOP/s and appended to --jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 DIM, HEADS, HEAD_DIM, FFN = 3840, 30, 128, 10240
@@ -96,8 +95,6 @@ def matmul_rows(tokens: int) -> list[dict]:
 
 
 def _quantize_rows(x):
-    import torch
-
     from worker import fp8
 
     x32 = x.float()
@@ -123,12 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.kernels needs a CUDA GPU")
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tokens": args.tokens,
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    from bench.profiles import emit
+
     for row in attention_rows(args.tokens) + matmul_rows(args.tokens):
-        row = {**row, **env}
-        print(json.dumps(row), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit({**row, **env}, args.jsonl)
     return 0
 
 

@@ -341,6 +341,13 @@ def _append(path: str, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
+def emit(record: dict, jsonl: str = "") -> None:
+    """Print a measuring tool's record as one JSON line, and append it to `jsonl` when given."""
+    print(json.dumps(record), flush=True)
+    if jsonl:
+        _append(jsonl, record)
+
+
 def _summary(record: dict) -> str:
     if not record.get("ok"):
         return f"{record['profile']:28s} cap={record.get('cap_gib')}  FAILED: {str(record.get('error'))[:160]}"

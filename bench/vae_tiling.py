@@ -10,7 +10,6 @@ fidelity measure (`bench.profiles.compare_images`, same 40 dB rule). No GPU need
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.profiles import VISIBLE_PSNR_DB, compare_images  # noqa: E402
+from bench.profiles import VISIBLE_PSNR_DB, compare_images, emit  # noqa: E402
 
 
 def full_size_vae():
@@ -72,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   "dtype": "float32", **compare_images(tiled, whole), "visible_below_psnr_db": VISIBLE_PSNR_DB,
                   "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                   "date": time.strftime("%Y-%m-%d", time.gmtime())}
-        print(json.dumps(record), flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        emit(record, args.jsonl)
     return 0
 
 
