@@ -2,9 +2,9 @@
 w1 and w3 as another.
 
 Each block's attention otherwise runs three 3840x3840 matmuls on the same input and its feed-forward
-two 3840x10240 ones: one wider matmul fills the GPU better than several narrow ones, and with native fp8
-layers (`worker.fp8`) the input is scaled and rounded to fp8 once instead of three or two times. The
-result is the same arithmetic: the fused weight is the layers' weights stacked on the output axis
+two 3840x10240 ones; fused, the input is scaled and rounded to fp8 (`worker.fp8`) once instead of three
+or two times. On an H100 that saved little (DiT loop 0.622 -> 0.618 s an image): the separate fp8
+matmuls already ran at 1.2 PFLOP/s. The result is the same arithmetic: the fused weight is the layers' weights stacked on the output axis
 (with their per-channel fp8 scales), so a fused profile draws the same pixels as the unfused one.
 """
 from __future__ import annotations
@@ -64,10 +64,10 @@ class FusedQKVAttnProcessor:
     The steps after the projection (q/k RMS norms, RoPE in float32, the attention backend dispatch, the
     output projection) are that processor's, kept in the same order so the numbers match.
 
-    `cudnn`: call torch's cuDNN attention op directly. On an H100 it ran Z-Image's attention in 0.42 ms
-    against flash attention's 0.80 (bench/kernels.py), but diffusers' `_native_cudnn` backend, which picks
-    the kernel with a context manager, measured no faster inside the compiled blocks (0.595 s against
-    0.594 s per image): the compiled graph kept the default kernel."""
+    `cudnn`: call torch's cuDNN attention op directly rather than through SDPA's kernel choice. Alone, on
+    an H100, it ran Z-Image's attention in 0.42 ms against flash attention's 0.80 (bench/kernels.py).
+    Inside the compiled blocks neither this call (DiT loop 0.591 s) nor diffusers' `_native_cudnn`
+    backend (0.595 s against 0.594 s) shortened the loop; why is not known yet (docs/performance.md)."""
 
     _attention_backend = None
     _parallel_config = None

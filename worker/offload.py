@@ -51,7 +51,7 @@ class Spec:
     blocks_per_group: int = 1   # blocks per group for streamed components
     record_stream: bool = False
     # diffusers attention backend name; "" keeps the default (SDPA); "cudnn": torch's cuDNN attention
-    # called directly by the fused processor (worker.fuse), which compiled blocks honour
+    # op called directly by the fused processor (worker.fuse)
     attention: str = ""
     vae_compile: bool = False   # torch.compile the VAE decoder (one graph per tile or image size)
     fuse_projections: bool = False  # DiT q/k/v and w1/w3 as one matmul each (worker.fuse); same numbers
@@ -205,8 +205,8 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
     if placement.startswith("fp8mm"):
         from worker import fp8
 
-        # fp8 matmuls only in the DiT, where the compute is: the text encoder runs once per image on
-        # ~100 tokens, so rounding its activations to fp8 too would buy nothing measurable.
+        # fp8 matmuls only in the DiT, where the compute is: the text encoder runs once per image on one
+        # 512-token prompt, so rounding its activations to fp8 too would buy nothing measurable.
         fp8_matmul = fp8.has_fp8_matmul(device) and is_dit
         fp8.convert(module, compute_dtype, fp8_matmul, work_device=device,
                     out_device="cpu" if placement.endswith("_stream") else device, fast_accum=spec.fp8_fast_accum)
