@@ -70,6 +70,9 @@ def worker_stats(name: str) -> str:
 
 
 SWEEP_LOCK = f"{PREFIX}:lock:sweep"
+LOST_SCAN_LOCK = f"{PREFIX}:lock:lost-scan"
+# hash: "batch_id/index" -> when a scan first found that unfinished job with no message anywhere.
+LOST_SUSPECTS = f"{PREFIX}:lost-suspects"
 
 # Celery/kombu's own keys (kombu.transport.redis defaults), read by the dead-worker sweep.
 KOMBU_UNACKED = "unacked"

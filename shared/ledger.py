@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import redis
 
@@ -213,6 +214,37 @@ class Ledger:
                     pipe.sadd(keys.ACTIVE_BATCHES, batch_id)
                     pipe.execute()
                     return len(failed)
+                except redis.WatchError:
+                    continue
+
+    def requeue_lost(self, batch_id: str, indexes: list[int], queue_for, time_limit_for) -> list[int]:
+        """Queue a new message, at the head of its queue, for each job of `indexes` that is still
+        queued or running: jobs whose message was lost (the caller has made sure of that). Returns
+        the indexes queued again; a job that finished meanwhile, or for which `queue_for` gives
+        None, is left alone."""
+        check_id(batch_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(keys.batch_states(batch_id))
+                    states = pipe.hmget(keys.batch_states(batch_id), indexes) if indexes else []
+                    todo = [i for i, st in zip(indexes, states) if st is None or st == b"running"]
+                    raw_jobs = pipe.hmget(keys.batch_jobs(batch_id), todo) if todo else []
+                    pipe.multi()
+                    queued = []
+                    for index, raw in zip(todo, raw_jobs):
+                        if raw is None:
+                            continue
+                        job = Job.from_wire(json.loads(raw))
+                        queue = queue_for(job)
+                        if queue is None:
+                            continue
+                        # RPUSH: consumers BRPOP from the right, so the job that waited longest goes next.
+                        pipe.rpush(queue, render_message(job.to_wire(), f"{job.id}-lost-{uuid.uuid4().hex[:8]}",
+                                                         queue, time_limit_for(job)))
+                        queued.append(index)
+                    pipe.execute()
+                    return queued
                 except redis.WatchError:
                     continue
 

@@ -411,6 +411,68 @@ def test_redis_killed_and_restarted_with_aof_mid_batch_loses_no_job_and_counts_e
     assert all(w.proc.poll() is None for w in workers)
 
 
+
+def test_a_message_popped_just_as_redis_dies_goes_back_to_the_head_of_its_queue_when_redis_returns(tmp_path):
+    """kombu BRPOPs a message and only then records it as unacked; Redis is killed in between."""
+    from kombu import Connection, Consumer, Queue
+
+    from worker import transport
+
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        queue_name = "zfarm.test.popped"
+        client = server.client()
+        for index in (0, 1):  # LPUSH adds at the tail and BRPOP takes the head: job 0 is taken first
+            client.lpush(queue_name, wire.render_message({"batch_id": "b-popped", "index": index},
+                                                         f"popped-{index}", queue_name, 60.0))
+        received: list[dict] = []
+
+        def consume(connection, on_pop=None):
+            if on_pop is not None:
+                deliver = connection.transport._deliver
+                connection.transport._deliver = lambda message, queue: (on_pop(), deliver(message, queue))[1]
+            with Consumer(connection, [Queue(queue_name)], accept=["json"], prefetch_count=1,
+                          callbacks=[lambda body, message: (received.append(body[1]["job"]), message.ack())]):
+                connection.drain_events(timeout=5)
+
+        with Connection(server.url, transport="worker.transport:Transport") as first:
+            with pytest.raises(first.connection_errors):
+                consume(first, on_pop=server.kill)
+        assert received == []
+        assert len(transport.popped_unrecorded()) == 1
+
+        server.start()
+        client = server.client()
+        # The popped message is in neither its queue nor the unacked hash: only this process holds it.
+        assert [wire.envelope_task_id(m) for m in client.lrange(queue_name, 0, -1)] == ["popped-1"]
+        assert client.hlen(keys.KOMBU_UNACKED) == 0
+
+        with Connection(server.url, transport="worker.transport:Transport") as second:
+            consume(second)
+        assert received == [{"batch_id": "b-popped", "index": 0}]
+        assert transport.popped_unrecorded() == []
+        # Delivered once and acked; the other job still waits.
+        assert client.hlen(keys.KOMBU_UNACKED) == 0
+        assert [wire.envelope_task_id(m) for m in client.lrange(queue_name, 0, -1)] == ["popped-1"]
+    finally:
+        server.kill()
+
+
+
+def test_a_job_whose_message_vanished_before_any_record_is_found_by_the_sweep_and_rendered(rig):
+    farm_rig = rig()
+    batch = farm_rig.farm().submit(specs(5, size_px=512))
+    [queue] = [q for q in farm_rig.client.scan_iter("zfarm.*") if farm_rig.client.type(q) == b"list"]
+    # What a worker, or a Redis, killed between BRPOP and kombu's unacked write leaves: no message.
+    assert farm_rig.client.rpop(queue) is not None
+    farm_rig.worker("finder")
+
+    status = finished(batch, 60)
+    assert counts(status) == (5, 5, 0, 0, 0, 0)
+    assert_each_result_stored_once(farm_rig, batch.id, 5)
+    assert "had no message in any queue" in farm_rig.workers[0].output()
+
+
 # Storage outage
 
 def test_a_20_s_storage_outage_mid_batch_holds_jobs_unacked_until_their_upload_lands(rig):

@@ -26,6 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import redis
 from celery import bootsteps, signals
 from celery.worker import state as worker_state
 
@@ -88,6 +89,12 @@ def worker_queues(boot: detect.BootInfo, table: dict, lanes: int) -> list[str]:
     """Every queue this worker consumes: each priority, each size tier it can render every job of
     (`profiles.tiers_served`: the shared tier always), each lane. `worker.queue_order` orders them."""
     tiers = profiles.tiers_served(boot.choice.max_pixels, profiles.max_pixels_by_class(table))
+    return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(max(1, lanes))]
+
+
+def all_job_queues(table: dict, lanes: int) -> list[str]:
+    """Every job queue a producer can fill: each priority, each size tier of the table, each lane."""
+    tiers = profiles.tier_ceilings(profiles.max_pixels_by_class(table))
     return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(max(1, lanes))]
 
 
@@ -253,13 +260,22 @@ class RegistryStep(bootsteps.StartStopStep):
             registry.register(self.client, registration(settings), settings.registry_ttl_s)
 
     def _sweep(self, settings):
-        from worker.sweeper import sweep_dead_claims
+        from worker.app import table
+        from worker.sweeper import requeue_lost_jobs, sweep_dead_claims
 
         # A live worker claims a job within moments of taking its message; one registry TTL is
         # far longer than that, and no longer than noticing a dead worker takes anyway.
         restored = sweep_dead_claims(self.client, settings.heartbeat_s * 2, min_age_s=settings.registry_ttl_s)
         if restored:
             log.warning("handed %d job(s) of dead workers back to their queues", restored)
+
+        def time_limit_for(job):
+            return profiles.job_time_limit_s(job.spec.pixels, job.spec.steps, table, settings.job_margin)
+
+        # A message is recorded within milliseconds of its pop; two registry TTLs without one
+        # means the pop's worker, or Redis, died in between.
+        requeue_lost_jobs(self.client, all_job_queues(table, settings.lanes), time_limit_for,
+                          confirm_s=settings.registry_ttl_s * 2, lock_s=settings.heartbeat_s * 2)
 
     def _webhooks(self, settings):
         from worker.webhooks import deliver_finished
@@ -274,8 +290,22 @@ class RegistryStep(bootsteps.StartStopStep):
     def shutdown(self, c):
         self.stop(c)
         if self.client is not None:
+            _hand_back_popped(self.client)
             registry.deregister(self.client, STATE.name)
             log.info("zfarm worker %s deregistered", STATE.name)
+
+
+def _hand_back_popped(client) -> None:
+    """Return to their queues the items this worker popped as Redis went away and has not handed
+    back yet; when Redis is still away, name them, since they exist nowhere else."""
+    from worker.transport import hand_back_unrecorded, popped_unrecorded
+
+    try:
+        hand_back_unrecorded(client)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        for key, item in popped_unrecorded():
+            log.critical("a job message popped from %s could not be handed back (%s); push it back by hand "
+                         "with RPUSH: %s", key.decode(errors="replace"), exc, item.decode(errors="replace"))
 
 
 class InfoStep(bootsteps.StartStopStep):

@@ -12,6 +12,14 @@ message and claiming the job). Only messages taken at least `min_age_s` ago are 
 live worker that has just taken one has time to claim it. A message whose job is already final is
 left alone: its worker is acking it (a draining worker acks only after its grace period), or died
 just before; kombu's visibility restore brings such a leftover back, to be skipped.
+
+A message can also vanish: kombu takes it with BRPOP and only then records it as unacked, so a
+worker killed, or a Redis killed, in the moment between leaves a job that no queue, no unacked
+entry and no claim holds (`worker.transport` hands back what a surviving worker popped; this covers
+the rest). Every sweep compares, in one atomic read, the jobs the ledger counts queued or running
+with the job messages that exist. Only when fewer messages exist does it read every queue, find the
+unfinished jobs without one, and queue such a job again once it has stayed without one for
+`confirm_s` (a pop is recorded within milliseconds; a worker silent for that long is dead).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import time
 import redis
 
 from shared import keys
-from shared.ledger import FINAL_STATES, job_ref
+from shared.ledger import FINAL_STATES, Ledger, job_ref
 from worker.transport import named_job
 
 log = logging.getLogger(__name__)
@@ -96,3 +104,119 @@ def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> i
             holder = claim.decode() if claim is not None else "a worker that never claimed it"
             log.warning("job %s/%d was held by %s, which is gone: handed back", batch_id, index, holder)
     return restored
+
+
+# Jobs the ledger counts unfinished minus the job messages in queues and in the unacked hash, read
+# atomically. KEYS: the unacked hash, then each active batch's counts hash.   ARGV: the job queues.
+_MESSAGE_DEFICIT = """
+local jobs = 0
+for i = 2, #KEYS do
+  local c = redis.call('HMGET', KEYS[i], 'queued', 'running')
+  jobs = jobs + tonumber(c[1] or 0) + tonumber(c[2] or 0)
+end
+local messages = redis.call('HLEN', KEYS[1])
+for _, queue in ipairs(ARGV) do messages = messages + redis.call('LLEN', queue) end
+return jobs - messages
+"""
+
+
+def message_deficit(client: redis.Redis, queues: list[str]) -> int:
+    """How many more jobs the ledger counts queued or running than job messages exist in `queues`
+    and the unacked hash. Above zero, some job may have lost its message; at or below zero, none
+    has, unless leftover messages of finished or cancelled jobs hide it until they are consumed."""
+    active = [b.decode() for b in client.smembers(keys.ACTIVE_BATCHES)]
+    if not active:
+        return 0
+    return int(client.eval(_MESSAGE_DEFICIT, 1 + len(active), keys.KOMBU_UNACKED,
+                           *[keys.batch_counts(b) for b in active], *queues))
+
+
+def _message_ref(raw: bytes) -> tuple[str, int] | None:
+    """(batch_id, index) a queue item or an unacked entry ([message, exchange, routing key]) names."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    return job_ref(named_job(payload))
+
+
+def jobs_without_message(client: redis.Redis, queues: list[str]) -> dict[str, list[int]]:
+    """Per active batch, the jobs that are queued, or running under a claim no live worker instance
+    holds, and have no message in `queues` nor in the unacked hash: one atomic read of them all."""
+    active = sorted(b.decode() for b in client.smembers(keys.ACTIVE_BATCHES))
+    with client.pipeline(transaction=True) as pipe:
+        for queue in queues:
+            pipe.lrange(queue, 0, -1)
+        pipe.hvals(keys.KOMBU_UNACKED)
+        for batch_id in active:
+            pipe.hmget(keys.batch_counts(batch_id), "total")
+            pipe.hget(keys.batch_meta(batch_id), "cancelled")
+            pipe.hgetall(keys.batch_states(batch_id))
+            pipe.hgetall(keys.batch_running(batch_id))
+        replies = pipe.execute()
+    present = {ref for items in replies[:len(queues) + 1] for ref in map(_message_ref, items) if ref}
+    per_batch = replies[len(queues) + 1:]
+    alive: dict[str, bool] = {}
+    out: dict[str, list[int]] = {}
+    for n, batch_id in enumerate(active):
+        (total,), cancelled, states, running = per_batch[4 * n:4 * n + 4]
+        states = {int(i): v.decode() for i, v in states.items()}
+        running = {int(i): v.decode() for i, v in running.items()}
+        lost = []
+        for index in range(int(total or 0)):
+            if (batch_id, index) in present:
+                continue
+            state = states.get(index)
+            if state is None and cancelled != b"1":
+                lost.append(index)
+            elif state == "running" and not _instance_alive(client, running.get(index, "/"), alive):
+                lost.append(index)
+        if lost:
+            out[batch_id] = lost
+    return out
+
+
+def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, confirm_s: float,
+                      lock_s: float) -> int:
+    """Queue again every unfinished job that has had no message for at least `confirm_s`, going by
+    the suspects earlier calls recorded. Returns how many. `queues` is every job queue workers
+    consume; a job whose queue is not among them is left alone (no worker would take it anyway)."""
+    if not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
+        return 0
+    if message_deficit(client, queues) <= 0:
+        client.delete(keys.LOST_SUSPECTS)
+        return 0
+    # The full read below is heavy on a long queue: at most two or three of them per confirm period,
+    # even where a deficit persists that no scan can resolve (a lane no worker consumes).
+    client.set(keys.LOST_SCAN_LOCK, b"1", px=int(max(lock_s, confirm_s / 2) * 1000))
+    now = time.time()
+    lost = jobs_without_message(client, queues)
+    refs = {f"{batch_id}/{index}": (batch_id, index) for batch_id, indexes in lost.items() for index in indexes}
+    seen = {k.decode(): float(v) for k, v in client.hgetall(keys.LOST_SUSPECTS).items()}
+    with client.pipeline(transaction=False) as pipe:
+        if set(seen) - set(refs):
+            pipe.hdel(keys.LOST_SUSPECTS, *(set(seen) - set(refs)))
+        if set(refs) - set(seen):
+            pipe.hset(keys.LOST_SUSPECTS, mapping={ref: now for ref in set(refs) - set(seen)})
+        pipe.execute()
+    confirmed: dict[str, list[int]] = {}
+    for ref, (batch_id, index) in refs.items():
+        if ref in seen and now - seen[ref] >= confirm_s:
+            confirmed.setdefault(batch_id, []).append(index)
+    ledger, family, requeued = Ledger(client), set(queues), 0
+    for batch_id, indexes in confirmed.items():
+        lane = int(client.hget(keys.batch_meta(batch_id), "lane") or 0)
+
+        def queue_for(job, lane=lane):
+            queue = keys.queue(job.priority, job.tier, lane)
+            return queue if queue in family else None
+
+        done = ledger.requeue_lost(batch_id, indexes, queue_for, time_limit_for)
+        requeued += len(done)
+        client.hdel(keys.LOST_SUSPECTS, *(f"{batch_id}/{index}" for index in indexes))
+        for index in done:
+            log.warning("job %s/%d had no message in any queue for %.0f s (lost between a pop and its "
+                        "record): queued again", batch_id, index, now - seen[f"{batch_id}/{index}"])
+    return requeued

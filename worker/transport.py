@@ -184,7 +184,53 @@ def named_job(payload):
     return kwargs.get("job") if isinstance(kwargs, dict) else None
 
 
+# Items a worker popped from a queue whose fate Redis never recorded. kombu's Redis transport takes a
+# message with BRPOP, which removes it, and only then writes it to the `unacked` hash; when the
+# connection breaks between the two (Redis killed, a network cut), the message is in no queue, in no
+# unacked entry and claimed by nobody, so no restore or sweep can find it: the job would stay queued
+# forever. Such items are kept here, per process because kombu builds a new channel on reconnect, and
+# pushed back to the head of their queue before this process pops anything else.
+_popped_unrecorded: list[tuple[bytes, bytes]] = []
+
+
+def popped_unrecorded() -> list[tuple[bytes, bytes]]:
+    """(queue key, item) of every item this process popped and has not yet handed back."""
+    return list(_popped_unrecorded)
+
+
+def hand_back_unrecorded(client) -> int:
+    """Push every popped, unrecorded item back to the head of its queue. Returns how many."""
+    handed = 0
+    while _popped_unrecorded:
+        key, item = _popped_unrecorded[-1]  # the last popped goes back first: the first ends at the head
+        # RPUSH: consumers BRPOP from the right, so the item is taken next, as it would have been.
+        client.rpush(key, item)
+        _popped_unrecorded.pop()
+        handed += 1
+        log.warning("handed back to %s an item popped as the connection to Redis broke", bytes_to_str(key))
+    return handed
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        super().append(message, delivery_tag)
+        # In the unacked hash now: from here kombu's restore and zfarm's sweep can find it.
+        self.channel._popped = None
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+    _popped: tuple[bytes, bytes] | None = None
+
+    def _brpop_start(self, timeout=None):
+        self._push_back_unrecorded()
+        return super()._brpop_start(timeout)
+
+    def _push_back_unrecorded(self) -> None:
+        if _popped_unrecorded:
+            with self.conn_or_acquire() as client:
+                hand_back_unrecorded(client)
+
     def _brpop_read(self, **options):
         try:
             try:
@@ -194,26 +240,40 @@ class Channel(kombu_redis.Channel):
                 raise
             if not dest__item:
                 raise kombu_redis.Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            payload = None
+            key, item = dest__item
+            self._popped = (key, item)
             try:
-                if len(item) > ITEM_MAX_BYTES:
-                    raise Refused(f"queue item is {len(item)} bytes; a job message is far smaller")
-                try:
-                    payload = json.loads(item)
-                except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                    raise Refused(f"queue item is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
-                check_envelope(payload, self.visibility_timeout * TIME_LIMIT_SHARE_OF_VISIBILITY)
-            except Refused as refusal:
-                self._refuse_item(dest, item, payload, str(refusal))
-                return True
-            self.connection._deliver(payload, dest)
+                self._take(bytes_to_str(key).rsplit(self.sep, 1)[0], item)
+            except self.connection_errors:
+                if self._popped is not None:
+                    _popped_unrecorded.append(self._popped)
+                    log.error("the connection to Redis broke before the item just popped from %s was "
+                              "recorded; it goes back to its queue on reconnect", bytes_to_str(key))
+                raise
+            finally:
+                self._popped = None
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _take(self, dest: str, item: bytes) -> None:
+        """Deliver a popped item to Celery (kombu records it as unacked first), or refuse it."""
+        self._queue_cycle.rotate(dest)
+        payload = None
+        try:
+            if len(item) > ITEM_MAX_BYTES:
+                raise Refused(f"queue item is {len(item)} bytes; a job message is far smaller")
+            try:
+                payload = json.loads(item)
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise Refused(f"queue item is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
+            check_envelope(payload, self.visibility_timeout * TIME_LIMIT_SHARE_OF_VISIBILITY)
+        except Refused as refusal:
+            self._refuse_item(dest, item, payload, str(refusal))
+            self._popped = None
+            return
+        self.connection._deliver(payload, dest)
 
     def _refuse_item(self, queue: str, item: bytes, payload, problem: str) -> None:
         """Fail the job a refused item names, or else record the item as rejected."""
