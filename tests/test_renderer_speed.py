@@ -279,3 +279,26 @@ def test_the_compile_cache_folder_expands_the_home_folder(tmp_path, monkeypatch)
 def test_an_empty_compile_cache_folder_leaves_torchs_defaults(tmp_path):
     assert use_compile_cache("") is None
     assert not any(name in os.environ for name in CACHE_ENV)
+
+
+
+def test_after_the_warm_up_the_compiled_dit_blocks_never_recompile_for_other_prompt_lengths_or_sizes(
+        tiny_dir, tmp_path):
+    """Within one call a block sees the image, the caption and the joint sequence, three lengths: dynamo
+    compiles it for any length there, so jobs of other prompts and sizes never wait on a compile."""
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    r = loaded(tiny_dir, tmp_path, warmup=False)
+    r.pipe.transformer.compile_repeated_blocks(fullgraph=True)  # as apply_profile does for `compile`
+    block_code = ZImageTransformerBlock.forward.__code__
+    torch._dynamo.reset()
+    try:
+        r._warm_up()
+        graphs = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(block_code))
+        assert graphs >= 1
+        for prompt, width, height in (("a cat", 256, 256), ("a red house on the river " * 12, 256, 256),
+                                      ("a dog", 384, 256), ("", 512, 512)):
+            r.render(JobSpec(prompt=prompt, seed=1, width=width, height=height, steps=1))
+        assert len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(block_code)) == graphs
+    finally:
+        torch._dynamo.reset()
