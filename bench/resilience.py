@@ -16,8 +16,8 @@ subprocesses) and prints a table as it ends, then all of them together:
   same key, and `same image` says whether every PNG version is byte-identical.
 - counted twice: renders counted more than once (workers' jobs_done summed, less the ledger's
   done): a job rendered twice is still counted once.
-- recovery s: from the disruption (kill, signal, restart, storage back) to the next job completed
-  that the disruption had held up.
+- recovery s: from the disruption (kill, signal, restart, storage back; for a lost message, the
+  worker being ready) to the next job completed that the disruption had held up.
 """
 from __future__ import annotations
 
@@ -324,12 +324,26 @@ def delivered_thrice(rig: Rig) -> dict:
     return outcome(rig, "one job's message delivered 3x", [batch.id], ["one", "two"])
 
 
+def lost_message(rig: Rig) -> dict:
+    batch = rig.farm().submit(specs(5))
+    [queue] = [q for q in rig.client.keys("zfarm.*") if rig.client.llen(q)]
+    # Job 0's message gone: what a worker, or a Redis, killed between BRPOP and kombu's unacked write leaves.
+    rig.client.rpop(queue)
+    rig.worker("finder", simulate_s=FAST_S)
+    ready_at = time.monotonic()
+    wait_done(rig, batch.id, 0, 60)
+    recovery_s = time.monotonic() - ready_at
+    wait_finished(rig, batch.id, 30)
+    return outcome(rig, "a message lost between pop and record (registry TTL 4 s)", [batch.id], ["finder"],
+                   recovery_s=recovery_s)
+
+
 SCENARIOS = {
     "kill": kill_other_worker, "restart": kill_and_restart, "sigterm-short": sigterm_short,
     "sigterm-long": sigterm_long, "poison": poison_job, "internal-error": internal_error,
     "time-limit": time_limits, "redis": redis_restart, "storage": storage_outage,
     "upload-fails": upload_gives_up, "resubmit": resubmit, "malformed": malformed,
-    "store-then-die": store_then_die, "duplicate": delivered_thrice,
+    "store-then-die": store_then_die, "duplicate": delivered_thrice, "lost-message": lost_message,
 }
 
 
