@@ -185,11 +185,12 @@ def named_job(payload):
 
 
 # Items a worker popped from a queue whose fate Redis never recorded. kombu's Redis transport takes a
-# message with BRPOP, which removes it, and only then writes it to the `unacked` hash; when the
-# connection breaks between the two (Redis killed, a network cut), the message is in no queue, in no
-# unacked entry and claimed by nobody, so no restore or sweep can find it: the job would stay queued
-# forever. Such items are kept here, per process because kombu builds a new channel on reconnect, and
-# pushed back to the head of their queue before this process pops anything else.
+# message with BRPOP, which removes it, and only then writes it to the `unacked` hash; when that write
+# fails (Redis killed, a network cut, a Redis out of memory), the message is in no queue, in no
+# unacked entry and claimed by nobody, so kombu's restore cannot find it and the job would wait for
+# the ledger's slower lost-message sweep (`worker.sweeper`). Such items are kept here, per process
+# because kombu builds a new channel on reconnect, and pushed back to the head of their queue before
+# this process pops anything else.
 _popped_unrecorded: list[tuple[bytes, bytes]] = []
 
 
@@ -244,11 +245,11 @@ class Channel(kombu_redis.Channel):
             self._popped = (key, item)
             try:
                 self._take(bytes_to_str(key).rsplit(self.sep, 1)[0], item)
-            except self.connection_errors:
+            except Exception as exc:  # a broken connection mostly; whatever it is, the item was not recorded
                 if self._popped is not None:
                     _popped_unrecorded.append(self._popped)
-                    log.error("the connection to Redis broke before the item just popped from %s was "
-                              "recorded; it goes back to its queue on reconnect", bytes_to_str(key))
+                    log.error("the item just popped from %s was not recorded (%s: %s); it goes back to its "
+                              "queue before the next pop", bytes_to_str(key), type(exc).__name__, exc)
                 raise
             finally:
                 self._popped = None
