@@ -8,6 +8,7 @@
 #   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
 #   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
 #   bash bench/run_gpu.sh kernels                     # attention and matmul kernels on the DiT's shapes
+#   bash bench/run_gpu.sh imports [--runs 2]          # where the renderer's import stage goes (-X importtime)
 #
 # Raw results append to $RESULTS_DIR/runs.jsonl (default bench/results; $OUT on the lent device machine).
 # Wheels in ./.whl are installed first where the machine lacks packages (diffusers and importlib_metadata
@@ -43,6 +44,7 @@ case "$cmd" in
         2>"$RESULTS_DIR/worker_check_$c.err" | tail -1 || tail -5 "$RESULTS_DIR/worker_check_$c.err"
     done ;;
   kernels) python3 -m bench.kernels --jsonl "$RESULTS_DIR/kernels.jsonl" "$@" ;;
+  imports) python3 -m bench.imports --jsonl "$RESULTS_DIR/imports.jsonl" "$@" ;;
   table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
   coldstart)
     python3 -c 'import celery, kombu, redis, diffusers; print("celery", celery.__version__, "kombu", kombu.__version__,
@@ -55,5 +57,5 @@ case "$cmd" in
     python3 -m bench.cold_start "$DIR" --jsonl "$RESULTS_DIR/cold_start.jsonl" --keep "$RESULTS_DIR/cold_start" \
       --compile-cache-dir "${COMPILE_CACHE_DIR:-/tmp/zfarm-compile-cache}" \
       ${redis_args[@]+"${redis_args[@]}"} "$@" ;;
-  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart|kernels" >&2; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart|kernels|imports" >&2; exit 2 ;;
 esac
