@@ -41,8 +41,12 @@ def task_index(raw: bytes) -> int:
 
 
 def sweep(client) -> int:
+    return sweep_with(client, job_queues())
+
+
+def sweep_with(client, queues: list[str]) -> int:
     client.delete(keys.LOST_SCAN_LOCK)  # each call here sweeps; workers take turns through the lock
-    return requeue_lost_jobs(client, job_queues(), time_limit_for, confirm_s=CONFIRM_S, lock_s=0.01)
+    return requeue_lost_jobs(client, queues, time_limit_for, confirm_s=CONFIRM_S, lock_s=0.01)
 
 
 def test_a_job_whose_message_vanished_is_queued_again_at_the_head_once_it_has_had_none_for_the_confirm_period(
@@ -95,3 +99,16 @@ def test_jobs_of_a_cancelled_batch_and_jobs_claimed_by_a_live_worker_are_never_c
     assert jobs_without_message(redis_client, job_queues()) == {}
     redis_client.delete(keys.worker("w@box"))  # the claimant is gone
     assert jobs_without_message(redis_client, job_queues()) == {running.id: [0]}
+
+
+def test_jobs_queued_in_a_tier_no_worker_here_consumes_make_no_deficit(
+        redis_client, farm_factory, file_storage_url):
+    batch, queue = submit(redis_client, farm_factory, file_storage_url, 2)
+    redis_client.rpop(queue)
+    _, tier, _ = keys.parse_queue(queue)
+    other_tiers = [q for q in job_queues() if keys.parse_queue(q)[1] != tier]
+
+    assert message_deficit(redis_client, job_queues()) == 1
+    assert message_deficit(redis_client, other_tiers) == 0
+    assert sweep_with(redis_client, other_tiers) == 0
+    assert redis_client.exists(keys.LOST_SUSPECTS) == 0

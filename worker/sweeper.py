@@ -107,28 +107,36 @@ def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> i
 
 
 # Jobs the ledger counts unfinished minus the job messages in queues and in the unacked hash, read
-# atomically. KEYS: the unacked hash, then each active batch's counts hash.   ARGV: the job queues.
+# atomically. Queued jobs are counted only in the size tiers of the queues given (the ledger's
+# `queued:<tier>` counts), so jobs waiting in queues no worker here consumes make no deficit.
+# KEYS: the unacked hash, then each active batch's counts hash.
+# ARGV: the number of tiers N, the N tiers, then the job queues.
 _MESSAGE_DEFICIT = """
+local tiers = tonumber(ARGV[1])
 local jobs = 0
 for i = 2, #KEYS do
-  local c = redis.call('HMGET', KEYS[i], 'queued', 'running')
-  jobs = jobs + tonumber(c[1] or 0) + tonumber(c[2] or 0)
+  jobs = jobs + tonumber(redis.call('HGET', KEYS[i], 'running') or 0)
+  for t = 2, tiers + 1 do
+    jobs = jobs + tonumber(redis.call('HGET', KEYS[i], 'queued:' .. ARGV[t]) or 0)
+  end
 end
 local messages = redis.call('HLEN', KEYS[1])
-for _, queue in ipairs(ARGV) do messages = messages + redis.call('LLEN', queue) end
+for q = tiers + 2, #ARGV do messages = messages + redis.call('LLEN', ARGV[q]) end
 return jobs - messages
 """
 
 
 def message_deficit(client: redis.Redis, queues: list[str]) -> int:
-    """How many more jobs the ledger counts queued or running than job messages exist in `queues`
-    and the unacked hash. Above zero, some job may have lost its message; at or below zero, none
-    has, unless leftover messages of finished or cancelled jobs hide it until they are consumed."""
+    """How many more jobs the ledger counts running, or queued in the tiers of `queues`, than job
+    messages exist in `queues` and the unacked hash. Above zero, some job may have lost its message;
+    at or below zero, none has, unless leftover messages of finished or cancelled jobs hide it until
+    they are consumed."""
     active = [b.decode() for b in client.smembers(keys.ACTIVE_BATCHES)]
     if not active:
         return 0
+    tiers = sorted({parsed[1] for parsed in map(keys.parse_queue, queues) if parsed})
     return int(client.eval(_MESSAGE_DEFICIT, 1 + len(active), keys.KOMBU_UNACKED,
-                           *[keys.batch_counts(b) for b in active], *queues))
+                           *[keys.batch_counts(b) for b in active], len(tiers), *tiers, *queues))
 
 
 def _message_ref(raw: bytes) -> tuple[str, int] | None:
@@ -189,7 +197,7 @@ def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, co
         client.delete(keys.LOST_SUSPECTS)
         return 0
     # The full read below is heavy on a long queue: at most two or three of them per confirm period,
-    # even where a deficit persists that no scan can resolve (a lane no worker consumes).
+    # even where a deficit persists that no scan can resolve (a lane beyond the workers' ZFARM_LANES).
     client.set(keys.LOST_SCAN_LOCK, b"1", px=int(max(lock_s, confirm_s / 2) * 1000))
     now = time.time()
     lost = jobs_without_message(client, queues)
