@@ -11,15 +11,17 @@ from farm import wait_for
 from farm_fixtures import TEST_TABLE
 from shared import keys, profiles
 from shared.ledger import Ledger
+from shared.settings import Settings
 from worker.boot import all_job_queues
 from worker.sweeper import jobs_without_message, message_deficit, requeue_lost_jobs
+from worker.transport import named_job
 
-LANES = 4
 CONFIRM_S = 0.5
 
 
 def job_queues() -> list[str]:
-    return all_job_queues(profiles.load_table(TEST_TABLE), LANES)
+    """Every queue the producer of `farm_factory` can fill (its lanes are the default)."""
+    return all_job_queues(profiles.load_table(TEST_TABLE), Settings.from_env({}).lanes)
 
 
 def time_limit_for(job) -> float:
@@ -35,9 +37,7 @@ def submit(client, farm_factory, file_storage_url, n: int):
 
 
 def task_index(raw: bytes) -> int:
-    import base64
-
-    return json.loads(base64.b64decode(json.loads(raw)["body"]))[1]["job"]["index"]
+    return named_job(json.loads(raw))["index"]
 
 
 def sweep(client) -> int:
