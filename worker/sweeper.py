@@ -221,10 +221,10 @@ def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, co
             queue = keys.queue(job.priority, job.tier, lane)
             return queue if queue in family else None
 
-        done = ledger.requeue_lost(batch_id, indexes, queue_for, time_limit_for)
-        requeued += len(done)
+        queued_again = ledger.requeue_lost(batch_id, indexes, queue_for, time_limit_for)
+        requeued += len(queued_again)
         client.hdel(keys.LOST_SUSPECTS, *(f"{batch_id}/{index}" for index in indexes))
-        for index in done:
+        for index in queued_again:
             log.warning("job %s/%d had no message in any queue for %.0f s (lost between a pop and its "
                         "record): queued again", batch_id, index, now - seen[f"{batch_id}/{index}"])
     return requeued
