@@ -69,3 +69,47 @@ def test_a_fused_tiny_pipeline_draws_the_same_image_as_the_unfused_one(tiny_dir)
                    generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
         images.append(torch.from_numpy(out))
     assert (images[0] - images[1]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_in_real_arithmetic_gives_exactly_the_numbers_of_the_complex_rotation(dtype):
+    g = torch.Generator("cpu").manual_seed(3)
+    x = torch.randn(1, 96, 4, 32, generator=g).to(dtype)
+    freqs_cis = torch.polar(torch.ones(1, 96, 16), torch.randn(1, 96, 16, generator=g) * 3)
+    assert torch.equal(fuse._apply_rotary_emb_real(x, freqs_cis), fuse._apply_rotary_emb(x, freqs_cis))
+
+
+def test_compiled_real_rope_leaves_no_complex_arithmetic_to_eager_kernels():
+    """Inductor cannot generate code for complex numbers: the complex rotation compiles to eager calls
+    (view_as_complex, a complex mul) around its kernels; the real one to kernels alone."""
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(1, 64, 4, 32, dtype=torch.bfloat16)
+    freqs_cis = torch.polar(torch.ones(1, 64, 16), torch.randn(1, 64, 16))
+    codes = {}
+    for name, rotate in (("complex", fuse._apply_rotary_emb), ("real", fuse._apply_rotary_emb_real)):
+        torch._dynamo.reset()
+        _, (code, *_) = run_and_get_code(torch.compile(rotate, fullgraph=True), x, freqs_cis)
+        codes[name] = code
+    torch._dynamo.reset()
+    assert "aten.view_as_complex" in codes["complex"] and "aten.mul" in codes["complex"]
+    assert "aten.view_as_complex" not in codes["real"] and "aten.mul" not in codes["real"]
+
+
+def test_real_rope_is_refused_without_the_fused_processor_that_applies_it():
+    with pytest.raises(ValueError, match="real_rope"):
+        offload.spec_for("fp8mm_compiled", {"real_rope": True})
+
+
+def test_a_fused_tiny_pipeline_with_real_rope_draws_the_image_of_the_complex_rotation(tiny_dir):
+    images = []
+    for real_rope in (False, True):
+        pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+        fuse.fuse_projections(pipe.transformer, real_rope=real_rope)
+        assert pipe.transformer.layers[0].attention.processor.rotate is (
+            fuse._apply_rotary_emb_real if real_rope else fuse._apply_rotary_emb)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(prompt="a lighthouse at dusk", height=128, width=128, num_inference_steps=2, guidance_scale=0.0,
+                   generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+        images.append(torch.from_numpy(out))
+    assert torch.equal(images[0], images[1])

@@ -58,6 +58,17 @@ def _apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tens
         return x_out.type_as(x_in)
 
 
+def _apply_rotary_emb_real(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """The same rotation in float32 real arithmetic, (a + bi)(c + di) written out: the same products
+    and sums, so the same numbers (tested), but inductor fuses it with the q/k norms and the casts.
+    Inductor has no code generation for complex numbers: `_apply_rotary_emb` compiles to separate eager
+    kernels that write q and k in float32 and read them back, in every block of every forward."""
+    with torch.amp.autocast("cuda", enabled=False):
+        x_re, x_im = x_in.float().unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = torch.view_as_real(freqs_cis).unsqueeze(2).unbind(-1)
+        return torch.stack((x_re * cos - x_im * sin, x_re * sin + x_im * cos), dim=-1).flatten(3).type_as(x_in)
+
+
 class FusedQKVAttnProcessor:
     """diffusers 0.42's ZSingleStreamAttnProcessor with q, k and v from one projection `attn.to_qkv`.
 
@@ -72,8 +83,9 @@ class FusedQKVAttnProcessor:
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, cudnn: bool = False):
+    def __init__(self, cudnn: bool = False, real_rope: bool = False):
         self.cudnn = cudnn
+        self.rotate = _apply_rotary_emb_real if real_rope else _apply_rotary_emb
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,8 +95,8 @@ class FusedQKVAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if freqs_cis is not None:
-            query = _apply_rotary_emb(query, freqs_cis)
-            key = _apply_rotary_emb(key, freqs_cis)
+            query = self.rotate(query, freqs_cis)
+            key = self.rotate(key, freqs_cis)
         if self.cudnn and query.is_cuda and attention_mask is None:
             # (batch, heads, tokens, head_dim) views, as the op takes them; output back to tokens-first.
             hidden_states = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -105,18 +117,19 @@ class FusedQKVAttnProcessor:
         return output
 
 
-def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False) -> int:
+def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False, real_rope: bool = False) -> int:
     """Fuse q/k/v and w1/w3 in every block of a Z-Image DiT, in place (layers already on their device
     stay there: each block's fused weights are built beside its old ones, one block at a time).
     Returns how many blocks were fused. Call after fp8 conversion and before compiling.
-    `cudnn_attention`: the fused processor calls cuDNN attention directly (see FusedQKVAttnProcessor)."""
+    `cudnn_attention`: the fused processor calls cuDNN attention directly (see FusedQKVAttnProcessor).
+    `real_rope`: it rotates q and k in real arithmetic, which compiles into one kernel (same numbers)."""
     fused = 0
     for list_name in BLOCK_LISTS:
         for block in getattr(transformer, list_name, ()):
             attn = block.attention
             attn.to_qkv = concat_linears([attn.to_q, attn.to_k, attn.to_v])
             del attn.to_q, attn.to_k, attn.to_v
-            attn.set_processor(FusedQKVAttnProcessor(cudnn=cudnn_attention))
+            attn.set_processor(FusedQKVAttnProcessor(cudnn=cudnn_attention, real_rope=real_rope))
             ff = block.feed_forward
             block.feed_forward = GatedFeedForward(concat_linears([ff.w1, ff.w3]), ff.w2)
             fused += 1
