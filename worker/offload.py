@@ -26,13 +26,19 @@ replay a resident text encoder as one CUDA graph (`worker.text_encoder`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
 VAE_TILE_PX = 512
 PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream")
+RESIDENT = ("gpu", "fp8", "fp8mm")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
+# torch.compile modes for the DiT blocks. "max-autotune-no-cudagraphs" times kernel variants (matmul
+# templates, reduction tilings) at compile; its choices go to the compile cache. Modes with CUDA graphs
+# are not offered: each block's weights sit at other addresses, so every block would record its own.
+BLOCK_COMPILE_MODES = ("", "max-autotune-no-cudagraphs")
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
 
@@ -57,6 +63,8 @@ class Spec:
     fuse_projections: bool = False  # DiT q/k/v and w1/w3 as one matmul each (worker.fuse); same numbers
     fp8_fast_accum: bool = False    # native fp8 matmuls without float32 promotion of partial sums
     te_graph: bool = False          # resident text encoder replayed as one CUDA graph (worker.text_encoder)
+    real_rope: bool = False         # the fused processor rotates q/k in real arithmetic, which inductor fuses
+    compile_mode: str = ""          # torch.compile mode of the DiT blocks (BLOCK_COMPILE_MODES)
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -64,6 +72,8 @@ class Spec:
                 raise ValueError(f"unknown placement {part!r} (known: {', '.join(PLACEMENTS)})")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {self.compile!r}")
+        if self.compile_mode not in BLOCK_COMPILE_MODES:
+            raise ValueError(f"unknown block compile mode {self.compile_mode!r} (known: {BLOCK_COMPILE_MODES})")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}")
         if self.fuse_projections and self.transformer in ("fp8", "fp8_stream", "fp8_stream_lowmem"):
@@ -71,6 +81,8 @@ class Spec:
             raise ValueError("fuse_projections does not combine with layerwise fp8 casting of the DiT")
         if self.attention == "cudnn" and not self.fuse_projections:
             raise ValueError('attention "cudnn" is the fused processor\'s: it needs fuse_projections')
+        if self.real_rope and not self.fuse_projections:
+            raise ValueError("real_rope is the fused processor's: it needs fuse_projections")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
             raise ValueError("te_graph needs a resident text encoder (gpu or fp8mm): moving weights cannot be captured")
 
@@ -138,18 +150,26 @@ SPECS: dict[str, Spec] = {
                          blocks_per_group=2, record_stream=True),
     # The same, faster: DiT q/k/v and w1/w3 fused (worker.fuse), fp8 matmuls with fast accumulation,
     # cuDNN attention, the text encoder replayed as a CUDA graph (worker.text_encoder).
-    "fp8mm_fast_compiled": Spec("fp8mm_compiled with fused projections, fast fp8 accumulation, cuDNN attention "
-                                "and the text encoder as a CUDA graph", transformer="fp8mm", compile="fullgraph",
-                                vae_compile=True, fuse_projections=True, fp8_fast_accum=True, attention="cudnn",
-                                te_graph=True),
+    # ...and RoPE in real arithmetic (worker.fuse), which inductor fuses where complex numbers left eager kernels.
+    "fp8mm_fast_compiled": Spec("fp8mm_compiled with fused projections, fast fp8 accumulation, cuDNN attention, "
+                                "fused RoPE and the text encoder as a CUDA graph", transformer="fp8mm",
+                                compile="fullgraph", vae_compile=True, fuse_projections=True, fp8_fast_accum=True,
+                                attention="cudnn", te_graph=True, real_rope=True),
     "fp8mm_both_fast_compiled": Spec("fp8mm_both_compiled made fast as fp8mm_fast_compiled",
                                      transformer="fp8mm", text_encoder="fp8mm", compile="fullgraph",
                                      vae_compile=True, fuse_projections=True, fp8_fast_accum=True,
-                                     attention="cudnn", te_graph=True),
+                                     attention="cudnn", te_graph=True, real_rope=True),
     "fp8mm_fast_te_bf16_stream_compiled": Spec("fp8mm_te_bf16_stream_compiled with fused projections, fast fp8 "
-                                               "accumulation and cuDNN attention", transformer="fp8mm",
+                                               "accumulation, cuDNN attention and fused RoPE", transformer="fp8mm",
                                                text_encoder="stream", compile="fullgraph", vae_compile=True,
-                                               fuse_projections=True, fp8_fast_accum=True, attention="cudnn"),
+                                               fuse_projections=True, fp8_fast_accum=True, attention="cudnn",
+                                               real_rope=True),
+    # The streamed DiT's blocks compiled beneath the offload hooks (compile_blocks_under_hooks).
+    "fp8mm_fast_stream_compiled": Spec("fp8mm_stream with the DiT blocks compiled, fused projections, fast fp8 "
+                                       "accumulation, cuDNN attention and fused RoPE",
+                                       transformer="fp8mm_stream", text_encoder="fp8_stream", blocks_per_group=2,
+                                       record_stream=True, compile="fullgraph", fuse_projections=True,
+                                       fp8_fast_accum=True, attention="cudnn", real_rope=True),
     "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
                           "(the common recipe, for comparison)", recipe="model_offload"),
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
@@ -216,19 +236,43 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
                                 skip_modules_pattern=_skip_patterns(module))
     if is_dit and spec.fuse_projections:
         _fuse(module, spec)
-    if placement in ("gpu", "fp8", "fp8mm"):
+    if placement in RESIDENT:
         module.to(device)
         return
+    if is_dit and spec.compile:
+        # Before the offload hooks wrap each block's forward, so the hooks stay outside the graph.
+        compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph", mode=spec.compile_mode)
     apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=spec.blocks_per_group,
                            use_stream=True, record_stream=spec.record_stream,
                            low_cpu_mem_usage=placement.endswith("_lowmem"))
 
 
+def compile_blocks_under_hooks(model, fullgraph: bool = True, mode: str = "") -> int:
+    """Regional compilation for a model whose blocks are about to be streamed.
+
+    `compile_repeated_blocks` compiles each block's whole call, and with group offloading that call
+    includes the offload hook (stream switches, copies, `record_stream`), which dynamo cannot trace in
+    one graph. Here each block's `forward` becomes its class's forward compiled, with the block as an
+    argument: the hooks, registered afterwards, wrap it and run eagerly, and all blocks of a class
+    share one set of graphs instead of one per block. Returns how many blocks were wrapped."""
+    import torch
+
+    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    compiled: dict[type, object] = {}
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        cls = type(block)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, fullgraph=fullgraph, mode=mode or None)
+        block.forward = functools.partial(compiled[cls], block)
+    return len(blocks)
+
+
 def _fuse(transformer, spec: Spec) -> None:
     from worker import fuse
 
-    fuse.fuse_projections(transformer, cudnn_attention=spec.attention == "cudnn")
+    fuse.fuse_projections(transformer, cudnn_attention=spec.attention == "cudnn", real_rope=spec.real_rope)
 
 
 def _skip_patterns(module) -> tuple[str, ...]:
@@ -269,8 +313,8 @@ def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None)
         pipe.vae.tile_latent_min_size = VAE_TILE_PX // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     if spec.attention and spec.attention != "cudnn":
         pipe.transformer.set_attention_backend(spec.attention)
-    if spec.compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph")
+    if spec.compile and spec.transformer in RESIDENT:  # a streamed DiT's blocks were compiled in _place
+        pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph", mode=spec.compile_mode or None)
     if spec.vae_compile:
         pipe.vae.decoder.compile(fullgraph=True)
     if spec.te_graph:
