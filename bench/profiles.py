@@ -218,12 +218,21 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         if fidelity_dir and batch == 1:
             stage = "fidelity images"
             save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch), size, steps)
+        if cuda:
+            stage = "kernel trace"
+            record["trace"] = kernel_trace(lambda: call(FIDELITY_SEEDS[0], size, steps))
+            if os.environ.get("ZFARM_BENCH_TRACE_DIR"):
+                record["trace"]["timeline"] = timeline_trace(
+                    lambda: call(FIDELITY_SEEDS[0], size, 2), os.environ["ZFARM_BENCH_TRACE_DIR"],
+                    run_label(profile, cap_gib, overrides, batch))
         stage = "max_pixels probes"
         record["probes"] = probe_max_pixels(pipe, call, cap_gib, probe_sides, spec.compile and cuda, record)
     except (RuntimeError, MemoryError, ValueError) as exc:
         oom = is_out_of_memory(exc)
         message = " ".join(str(exc).split())[:500]
-        if stage == "max_pixels probes":
+        if stage == "kernel trace":
+            record["trace_error"] = f"{type(exc).__name__}: {message}"
+        elif stage == "max_pixels probes":
             record["probe_error"] = f"{type(exc).__name__}: {message}"
         else:
             record["ok"] = False
@@ -296,6 +305,40 @@ def fidelity(folder: str, reference: str = REFERENCE_LABEL, runs: list[str] | No
     return records
 
 
+def kernel_trace(call, top: int = 15) -> dict:
+    """One more warm call under torch.profiler (after the timed ones, so it changes no figure): the
+    call's wall time, the GPU time of its kernels and of its copies summed, and the kernels that took
+    most GPU time. Busy well under wall means the GPU waited (launches, syncs, copies)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall_s = call()
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    copies = [e for e in events if "memcpy" in e.key.lower() or "memset" in e.key.lower()]
+    kernels = [e for e in events if e not in copies]
+    ranked = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    return {"wall_s": round(wall_s, 3),
+            "kernels_s": round(sum(e.self_device_time_total for e in kernels) / 1e6, 3),
+            "copies_s": round(sum(e.self_device_time_total for e in copies) / 1e6, 3),
+            "kernel_launches": sum(e.count for e in kernels),
+            "top": [{"kernel": e.key[:100], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 1)}
+                    for e in ranked]}
+
+
+def timeline_trace(call, folder: str, label: str) -> str:
+    """A 2-step call's CPU and GPU timeline as a Chrome trace (gzipped JSON; chrome://tracing or
+    Perfetto), to see where the GPU waits between kernels. Returns the file's path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / f"{label.replace('@', '_at_')}.trace.json.gz"  # '@' does not travel everywhere
+    prof.export_chrome_trace(str(path))
+    return str(path)
+
+
 def probe_max_pixels(pipe, call, cap_gib, sides, compiled: bool, record: dict) -> list[dict]:
     """Try larger squares in ascending order (1 step each); stop at the first that fails or leaves less
     than the chooser's headroom under the cap. Updates record["max_pixels"]."""
@@ -357,7 +400,16 @@ def _summary(record: dict) -> str:
             f"reserved={record['peak_reserved_gib']} rss={record['host_rss_gib']} "
             f"max_side={int((record.get('max_pixels') or 0) ** 0.5)} te={stages.get('text_encoder')} "
             f"vae={stages.get('vae_decode')} {record.get('overrides') or ''}"
-            + (f" batch={record['batch']}" if record.get("batch", 1) > 1 else ""))
+            + (f" batch={record['batch']}" if record.get("batch", 1) > 1 else "") + _trace_summary(record))
+
+
+def _trace_summary(record: dict) -> str:
+    trace = record.get("trace")
+    if not trace:
+        return f"\n    trace failed: {record['trace_error'][:200]}" if record.get("trace_error") else ""
+    top = "; ".join(f"{k['kernel'][:60]} x{k['calls']} {k['ms']} ms" for k in trace["top"][:6])
+    return (f"\n    traced call {trace['wall_s']} s: kernels {trace['kernels_s']} s, copies {trace['copies_s']} s, "
+            f"{trace['kernel_launches']} launches; top: {top}")
 
 
 def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
