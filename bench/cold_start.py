@@ -226,7 +226,8 @@ def renderer_facts(text: str) -> dict:
     except (ValueError, SyntaxError):
         return out
     if isinstance(described, dict):
-        out.update({f"renderer_{k}": described[k] for k in ("load_s", "warmup_s", "load_stages_s", "compile_cache_dir", "applied")
+        out.update({f"renderer_{k}": described[k] for k in ("load_s", "warmup_s", "load_stages_s", "warmup_compile",
+                                                               "compile_cache_dir", "applied")
                     if k in described})
     return out
 

@@ -78,6 +78,32 @@ def use_compile_cache(folder: str) -> str | None:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
+# torch.compile's own timers (torch._dynamo.utils.compile_times, seconds summed over every graph) that
+# say where a compiling call's time went: dynamo's whole compile, its bytecode tracing, the backend
+# (AOT autograd and inductor, cache lookups included), loading the compiled modules, building guards.
+_COMPILE_TIMERS = {"dynamo_s": "_compile.compile_inner", "tracing_s": "bytecode_tracing",
+                   "backend_s": "OutputGraph.call_user_compiler", "module_load_s": "PyCodeCache.load_by_key_path",
+                   "guards_s": "build_guards"}
+
+
+def compile_summary() -> dict:
+    """What torch.compile did in this process so far: graphs made, cache hits and misses, and its timers
+    (`_COMPILE_TIMERS`). Empty when nothing was compiled. Read after the warm-up, it splits the warm-up."""
+    from torch._dynamo import utils
+
+    counters = utils.counters
+    graphs = counters["stats"].get("unique_graphs", 0)
+    if not graphs:
+        return {}
+    names, values = utils.compile_times(repr="csv", aggregate=True)
+    timers = dict(zip(names, values))
+    out = {key: round(float(timers[name]), 2) for key, name in _COMPILE_TIMERS.items() if name in timers}
+    out.update(graphs=graphs, fx_cache_hits=counters["inductor"].get("fxgraph_cache_hit", 0),
+               fx_cache_misses=counters["inductor"].get("fxgraph_cache_miss", 0),
+               autograd_cache_hits=counters["aot_autograd"].get("autograd_cache_hit", 0))
+    return out
+
+
 class DiffusionRenderer:
     def __init__(self, settings, boot, table: dict | None = None):
         self.settings = settings
@@ -90,6 +116,7 @@ class DiffusionRenderer:
         self.dtype = None
         self.load_s = None
         self.warmup_s = None
+        self.warmup_compile: dict = {}          # compile_summary() after the warm-up
         # Where a load's time goes (seconds): imports, CUDA context, reading weights, applying the profile,
         # warm-up. Cold start is judged by the sum; this says which part to work on.
         self.load_stages_s: dict[str, float] = {}
@@ -136,7 +163,9 @@ class DiffusionRenderer:
         self.pipe(prompt=WARMUP_PROMPT, height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
                   generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
         self.warmup_s = round(time.monotonic() - t0, 2)
-        log.info("warm-up call (%dx%d, 1 step) took %.1f s", side, side, self.warmup_s)
+        self.warmup_compile = compile_summary()
+        log.info("warm-up call (%dx%d, 1 step) took %.1f s; compiling in it: %s", side, side, self.warmup_s,
+                 self.warmup_compile)
 
     def _load_profile(self, name: str) -> None:
         import torch
@@ -192,6 +221,7 @@ class DiffusionRenderer:
                 "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                 "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
                 "load_s": self.load_s, "warmup_s": self.warmup_s, "load_stages_s": dict(self.load_stages_s),
+                "warmup_compile": dict(self.warmup_compile),
                 "compile_cache_dir": self.compile_cache_dir,
                 "prompt_cache": {"size": self.settings.prompt_cache_size, "entries": len(self._prompt_cache),
                                  "hits": self.prompt_cache_hits, "misses": self.prompt_cache_misses},
