@@ -74,7 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jsonl", default="")
     args = ap.parse_args(argv)
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "versions": {name: _version(name) for name in ("torch", "diffusers", "transformers")}}
+               "versions": {name: _version(name) for name in ("torch", "diffusers", "transformers")},
+               # Where byte-compiled modules are read from, and whether new ones may be written: with
+               # neither a compiled install nor writing allowed, every import compiles from source.
+               "pycache_prefix": sys.pycache_prefix, "dont_write_bytecode": sys.dont_write_bytecode}
     for run in range(1, args.runs + 1):
         emit({"tool": "imports", "run": run, **machine, **measure(args.top)}, args.jsonl)
     return 0

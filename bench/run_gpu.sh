@@ -25,6 +25,22 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The lent machines' Python ships its packages without byte-compiled modules and sets
+# PYTHONDONTWRITEBYTECODE=1, so every start compiled each imported module from source: the renderer's
+# imports took 13.3-13.8 s there (bench/results/imports.jsonl). A pip install, and the worker image
+# (deploy/Dockerfile.worker), byte-compile; so does this, once per machine, into a cache tree of its own
+# (PYTHONPYCACHEPREFIX) rather than into the machine's folders. ZFARM_BENCH_SOURCE_IMPORTS=1 skips it.
+if [ -z "${ZFARM_BENCH_SOURCE_IMPORTS:-}" ]; then
+  export PYTHONPYCACHEPREFIX=/tmp/zfarm-pycache
+  if [ ! -f "$PYTHONPYCACHEPREFIX/.zfarm-compiled" ]; then
+    mkdir -p "$PYTHONPYCACHEPREFIX"
+    t0=$SECONDS
+    python3 -m compileall -q -j 0 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))') \
+      ${PYTHONPATH//:/ } >/dev/null 2>&1 || echo "run_gpu: some modules did not byte-compile; they compile at import" >&2
+    touch "$PYTHONPYCACHEPREFIX/.zfarm-compiled"
+    echo "run_gpu: byte-compiled the installed packages in $((SECONDS - t0)) s" >&2
+  fi
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 DIR=${ZFARM_BENCH_DIR:-/tmp/zfarm-full}
 RESULTS_DIR=${RESULTS_DIR:-${OUT:-bench/results}}
