@@ -97,15 +97,17 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
     return table
 
 
+def _measured_cap(run: dict) -> float:
+    """The cap a run was measured under; an uncapped run had the whole measuring card."""
+    return UNCAPPED_RUN_GIB if run.get("cap_gib") is None else run["cap_gib"]
+
+
 def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
     if not run.get("ok") or run.get("s_per_image") is None or run.get("peak_reserved_gib") is None:
         return False
     # An uncapped run had the whole measuring card (an 80 GB H100): it is evidence for that class
     # only. Its peak may look small, but its max_pixels was found with all that memory.
-    run_cap = run.get("cap_gib")
-    if run_cap is None:
-        run_cap = UNCAPPED_RUN_GIB
-    if run_cap > cap_gib + 1e-9:
+    if _measured_cap(run) > cap_gib + 1e-9:
         return False
     if run["peak_reserved_gib"] > cap_gib - HEADROOM_GIB:
         return False
@@ -127,14 +129,18 @@ def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_loss
     if vram_class == CPU_CLASS:
         return [_cpu_choice(table)]
     cap = CLASS_CAPS_GIB[vram_class]
-    runs = [r for r in table.get("runs", []) if r.get("profile") != CPU_CLASS and _fits(r, cap, ram_gib)
-            and _faithful(r, allow_lossy)]
-    runs.sort(key=lambda r: (r["s_per_image"], -(r.get("max_pixels") or 0)))
-    seen, out = set(), []
-    for run in runs:
-        if run["profile"] in seen:
+    # A profile measured under several caps that fit speaks through its run under the largest one: the
+    # measurement closest to this class, and the one whose largest image size the class can take (the
+    # fastest run would do, but an 80 GB card would then serve only the sizes a 23 GiB cap reached).
+    closest: dict[str, dict] = {}
+    for run in table.get("runs", []):
+        if run.get("profile") == CPU_CLASS or not _fits(run, cap, ram_gib) or not _faithful(run, allow_lossy):
             continue
-        seen.add(run["profile"])
+        held = closest.get(run["profile"])
+        if held is None or _measured_cap(run) > _measured_cap(held):
+            closest[run["profile"]] = run
+    out = []
+    for run in sorted(closest.values(), key=lambda r: (r["s_per_image"], -(r.get("max_pixels") or 0))):
         out.append(Choice(vram_class=vram_class, profile=run["profile"], s_per_image=run["s_per_image"],
                           peak_reserved_gib=run["peak_reserved_gib"], host_rss_gib=run.get("host_rss_gib"),
                           max_pixels=int(run.get("max_pixels") or REFERENCE_PIXELS), cap_gib=cap,

@@ -45,6 +45,15 @@ def test_an_uncapped_run_counts_only_for_the_card_it_ran_on():
     assert profiles.choose(TABLE, 24).max_pixels == 2359296
 
 
+def test_a_profile_measured_under_several_caps_speaks_for_a_class_through_its_largest_fitting_cap():
+    table = {"runs": [run("fast", 23, 0.611, 16.0, 12.0, 1792 * 1792),
+                      run("fast", None, 0.615, 16.0, 12.0, 2048 * 2048)]}
+    on_80 = profiles.choose(table, 80)
+    assert (on_80.measured_cap_gib, on_80.max_pixels, on_80.s_per_image) == (None, 2048 * 2048, 0.615)
+    on_24 = profiles.choose(table, 24)
+    assert (on_24.measured_cap_gib, on_24.max_pixels) == (23, 1792 * 1792)
+
+
 def test_host_ram_is_part_of_the_choice():
     # group_stream pins a second copy in host memory (44.6 GiB): a 32 GiB box gets the low-RAM variant.
     assert profiles.choose(TABLE, 8, ram_gib=32).profile == "group_stream_lowmem"
