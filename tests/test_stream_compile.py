@@ -3,6 +3,7 @@ model: the blocks compile beneath diffusers' group-offload hooks, draw what the 
 share one set of graphs that serves other prompt lengths and sizes without compiling again."""
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.hooks import apply_group_offloading
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
@@ -41,3 +42,13 @@ def test_blocks_compiled_beneath_the_offload_hooks_draw_the_eager_image_and_shar
         assert graphs_of_the_block_code() == graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_a_block_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refused(tiny_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
+    offload.compile_blocks_under_hooks(pipe.transformer, **offload.BLOCK_COMPILE_MODES["tuned"])
+    assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
+    with pytest.raises(ValueError, match="block compile mode"):
+        offload.spec_for("fp8mm_fast_compiled", {"compile_mode": "max-autotune"})

@@ -35,10 +35,16 @@ VAE_TILE_PX = 512
 PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream")
 RESIDENT = ("gpu", "fp8", "fp8mm")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
-# torch.compile modes for the DiT blocks. "max-autotune-no-cudagraphs" times kernel variants (matmul
-# templates, reduction tilings) at compile; its choices go to the compile cache. Modes with CUDA graphs
-# are not offered: each block's weights sit at other addresses, so every block would record its own.
-BLOCK_COMPILE_MODES = ("", "max-autotune-no-cudagraphs")
+# How the DiT blocks are compiled, by name: extra torch.compile arguments.
+#   tuned  inductor times a few tilings of each generated kernel (coordinate descent) and keeps the
+#          fastest; its choices go to the compile cache with the kernels.
+# Not offered: "max-autotune-no-cudagraphs" (on an H100 its first image had not finished after 420 s
+# of timing matmul templates); CUDA-graph modes (each block's weights sit at other addresses, so each
+# block would record a graph of its own); dynamic=True (on the CPU the blocks still made 3 graphs).
+BLOCK_COMPILE_MODES: dict[str, dict] = {
+    "": {},
+    "tuned": {"options": {"coordinate_descent_tuning": True}},
+}
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
 
@@ -73,7 +79,8 @@ class Spec:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {self.compile!r}")
         if self.compile_mode not in BLOCK_COMPILE_MODES:
-            raise ValueError(f"unknown block compile mode {self.compile_mode!r} (known: {BLOCK_COMPILE_MODES})")
+            raise ValueError(f"unknown block compile mode {self.compile_mode!r} "
+                             f"(known: {', '.join(repr(m) for m in BLOCK_COMPILE_MODES)})")
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}")
         if self.fuse_projections and self.transformer in ("fp8", "fp8_stream", "fp8_stream_lowmem"):
@@ -151,6 +158,8 @@ SPECS: dict[str, Spec] = {
     # The same, faster: DiT q/k/v and w1/w3 fused (worker.fuse), fp8 matmuls with fast accumulation,
     # cuDNN attention, the text encoder replayed as a CUDA graph (worker.text_encoder).
     # ...and RoPE in real arithmetic (worker.fuse), which inductor fuses where complex numbers left eager kernels.
+    # Not tuned (compile_mode "tuned"): 0.615 -> 0.602-0.605 s/img on an H100, but a start with a filled
+    # compile cache took 25.7-33.8 s instead of 19.6-21.0 (the warm-up 12.9-20.8 s instead of ~6).
     "fp8mm_fast_compiled": Spec("fp8mm_compiled with fused projections, fast fp8 accumulation, cuDNN attention, "
                                 "fused RoPE and the text encoder as a CUDA graph", transformer="fp8mm",
                                 compile="fullgraph", vae_compile=True, fuse_projections=True, fp8_fast_accum=True,
@@ -241,21 +250,23 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
         return
     if is_dit and spec.compile:
         # Before the offload hooks wrap each block's forward, so the hooks stay outside the graph.
-        compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph", mode=spec.compile_mode)
+        compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph",
+                                   **BLOCK_COMPILE_MODES[spec.compile_mode])
     apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=spec.blocks_per_group,
                            use_stream=True, record_stream=spec.record_stream,
                            low_cpu_mem_usage=placement.endswith("_lowmem"))
 
 
-def compile_blocks_under_hooks(model, fullgraph: bool = True, mode: str = "") -> int:
+def compile_blocks_under_hooks(model, fullgraph: bool = True, **compile_args) -> int:
     """Regional compilation for a model whose blocks are about to be streamed.
 
     `compile_repeated_blocks` compiles each block's whole call, and with group offloading that call
     includes the offload hook (stream switches, copies, `record_stream`), which dynamo cannot trace in
     one graph. Here each block's `forward` becomes its class's forward compiled, with the block as an
     argument: the hooks, registered afterwards, wrap it and run eagerly, and all blocks of a class
-    share one set of graphs instead of one per block. Returns how many blocks were wrapped."""
+    share one set of graphs instead of one per block. `compile_args` go to torch.compile.
+    Returns how many blocks were wrapped."""
     import torch
 
     names = set(getattr(model, "_repeated_blocks", ()) or ())
@@ -264,7 +275,7 @@ def compile_blocks_under_hooks(model, fullgraph: bool = True, mode: str = "") ->
     for block in blocks:
         cls = type(block)
         if cls not in compiled:
-            compiled[cls] = torch.compile(cls.forward, fullgraph=fullgraph, mode=mode or None)
+            compiled[cls] = torch.compile(cls.forward, fullgraph=fullgraph, **compile_args)
         block.forward = functools.partial(compiled[cls], block)
     return len(blocks)
 
@@ -314,7 +325,8 @@ def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None)
     if spec.attention and spec.attention != "cudnn":
         pipe.transformer.set_attention_backend(spec.attention)
     if spec.compile and spec.transformer in RESIDENT:  # a streamed DiT's blocks were compiled in _place
-        pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph", mode=spec.compile_mode or None)
+        pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph",
+                                                 **BLOCK_COMPILE_MODES[spec.compile_mode])
     if spec.vae_compile:
         pipe.vae.decoder.compile(fullgraph=True)
     if spec.te_graph:
