@@ -302,3 +302,18 @@ def test_after_the_warm_up_the_compiled_dit_blocks_never_recompile_for_other_pro
         assert len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(block_code)) == graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_the_warm_up_says_what_compiling_it_did_and_an_uncompiled_one_says_nothing(tiny_dir, tmp_path):
+    assert loaded(tiny_dir, tmp_path / "plain").describe()["warmup_compile"] == {}
+    r = loaded(tiny_dir, tmp_path, warmup=False)
+    r.pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        r._warm_up()
+    finally:
+        torch._dynamo.reset()
+    summary = r.describe()["warmup_compile"]
+    assert summary["graphs"] >= 1
+    assert summary["fx_cache_hits"] + summary["fx_cache_misses"] >= 1
+    assert 0 <= summary["tracing_s"] <= summary["dynamo_s"] and 0 <= summary["backend_s"] <= summary["dynamo_s"]

@@ -86,22 +86,29 @@ _COMPILE_TIMERS = {"dynamo_s": "_compile.compile_inner", "tracing_s": "bytecode_
                    "guards_s": "build_guards"}
 
 
-def compile_summary() -> dict:
-    """What torch.compile did in this process so far: graphs made, cache hits and misses, and its timers
-    (`_COMPILE_TIMERS`). Empty when nothing was compiled. Read after the warm-up, it splits the warm-up."""
+def compile_state() -> dict:
+    """torch.compile's process-wide totals so far: its timers (`_COMPILE_TIMERS`) and counters."""
     from torch._dynamo import utils
 
-    counters = utils.counters
-    graphs = counters["stats"].get("unique_graphs", 0)
-    if not graphs:
-        return {}
     names, values = utils.compile_times(repr="csv", aggregate=True)
     timers = dict(zip(names, values))
-    out = {key: round(float(timers[name]), 2) for key, name in _COMPILE_TIMERS.items() if name in timers}
-    out.update(graphs=graphs, fx_cache_hits=counters["inductor"].get("fxgraph_cache_hit", 0),
-               fx_cache_misses=counters["inductor"].get("fxgraph_cache_miss", 0),
-               autograd_cache_hits=counters["aot_autograd"].get("autograd_cache_hit", 0))
-    return out
+    counters = utils.counters
+    state = {key: float(timers.get(name, 0.0)) for key, name in _COMPILE_TIMERS.items()}
+    state.update(graphs=counters["stats"].get("unique_graphs", 0),
+                 fx_cache_hits=counters["inductor"].get("fxgraph_cache_hit", 0),
+                 fx_cache_misses=counters["inductor"].get("fxgraph_cache_miss", 0),
+                 autograd_cache_hits=counters["aot_autograd"].get("autograd_cache_hit", 0))
+    return state
+
+
+def compile_summary(before: dict) -> dict:
+    """What torch.compile did since `before` (a `compile_state()`): graphs made, cache hits and misses,
+    seconds per timer. Empty when it made no graph. Taken around the warm-up, it splits the warm-up."""
+    after = compile_state()
+    if after["graphs"] == before["graphs"]:
+        return {}
+    return {key: (round(after[key] - before[key], 2) if key.endswith("_s") else after[key] - before[key])
+            for key in after}
 
 
 class DiffusionRenderer:
@@ -116,7 +123,7 @@ class DiffusionRenderer:
         self.dtype = None
         self.load_s = None
         self.warmup_s = None
-        self.warmup_compile: dict = {}          # compile_summary() after the warm-up
+        self.warmup_compile: dict = {}          # compile_summary() of the warm-up
         # Where a load's time goes (seconds): imports, CUDA context, reading weights, applying the profile,
         # warm-up. Cold start is judged by the sum; this says which part to work on.
         self.load_stages_s: dict[str, float] = {}
@@ -159,11 +166,12 @@ class DiffusionRenderer:
         import torch
 
         side = WARMUP_PX[self.device]
+        compiled_before = compile_state()
         t0 = time.monotonic()
         self.pipe(prompt=WARMUP_PROMPT, height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
                   generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
         self.warmup_s = round(time.monotonic() - t0, 2)
-        self.warmup_compile = compile_summary()
+        self.warmup_compile = compile_summary(compiled_before)
         log.info("warm-up call (%dx%d, 1 step) took %.1f s; compiling in it: %s", side, side, self.warmup_s,
                  self.warmup_compile)
 

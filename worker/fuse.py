@@ -60,7 +60,7 @@ def _apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tens
 
 def _apply_rotary_emb_real(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """The same rotation in float32 real arithmetic, (a + bi)(c + di) written out: the same products
-    and sums, so the same numbers (tested), but inductor fuses it with the q/k norms and the casts.
+    and sums (bit-identical on the CPU, tested), but inductor fuses it with the q/k norms and the casts.
     Inductor has no code generation for complex numbers: `_apply_rotary_emb` compiles to separate eager
     kernels that write q and k in float32 and read them back, in every block of every forward."""
     with torch.amp.autocast("cuda", enabled=False):
@@ -76,9 +76,11 @@ class FusedQKVAttnProcessor:
     output projection) are that processor's, kept in the same order so the numbers match.
 
     `cudnn`: call torch's cuDNN attention op directly rather than through SDPA's kernel choice. Alone, on
-    an H100, it ran Z-Image's attention in 0.42 ms against flash attention's 0.80 (bench/kernels.py).
-    Inside the compiled blocks neither this call (DiT loop 0.591 s) nor diffusers' `_native_cudnn`
-    backend (0.595 s against 0.594 s) shortened the loop; why is not known yet (docs/performance.md)."""
+    an H100, it ran Z-Image's attention in 0.42 ms against flash attention's 0.80 (bench/kernels.py),
+    yet it did not shorten the DiT loop: kernel traces show SDPA already chose the same cuDNN kernel
+    there. The direct call keeps that choice whatever SDPA's heuristics do (docs/performance.md).
+
+    `real_rope`: rotate q and k with `_apply_rotary_emb_real` (0.644 -> 0.616 s an image on an H100)."""
 
     _attention_backend = None
     _parallel_config = None
