@@ -18,6 +18,7 @@ Each component has a placement:
                  fullgraph and, on GPUs with fp8 tensor cores (compute capability >= 8.9), multiplies
                  in fp8. Loaded on the host and converted layer by layer on the GPU.
   fp8mm_stream   native fp8 weights, streamed block by block from pinned host memory
+  fp8mm_stream_lowmem  the same, pinning on the fly (no pinned host copy: less host RAM)
 
 On top of placements a profile may fuse the DiT's projections (`worker.fuse`: q/k/v and w1/w3 as one
 matmul each, the same arithmetic), let fp8 matmuls accumulate fast, call cuDNN attention directly, and
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
 VAE_TILE_PX = 512
-PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream")
+PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream",
+              "fp8mm_stream_lowmem")
 RESIDENT = ("gpu", "fp8", "fp8mm")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
 # How the DiT blocks are compiled, by name: extra torch.compile arguments.
@@ -179,6 +181,11 @@ SPECS: dict[str, Spec] = {
                                        transformer="fp8mm_stream", text_encoder="fp8_stream", blocks_per_group=2,
                                        record_stream=True, compile="fullgraph", fuse_projections=True,
                                        fp8_fast_accum=True, attention="cudnn", real_rope=True),
+    "fp8mm_fast_stream_lowmem_compiled": Spec("fp8mm_fast_stream_compiled pinning on the fly (no pinned host "
+                                              "copies): for hosts with less RAM", transformer="fp8mm_stream_lowmem",
+                                              text_encoder="fp8_stream_lowmem", record_stream=True,
+                                              compile="fullgraph", fuse_projections=True, fp8_fast_accum=True,
+                                              attention="cudnn", real_rope=True),
     "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
                           "(the common recipe, for comparison)", recipe="model_offload"),
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
@@ -238,7 +245,7 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
         # 512-token prompt, so rounding its activations to fp8 too would buy nothing measurable.
         fp8_matmul = fp8.has_fp8_matmul(device) and is_dit
         fp8.convert(module, compute_dtype, fp8_matmul, work_device=device,
-                    out_device="cpu" if placement.endswith("_stream") else device, fast_accum=spec.fp8_fast_accum)
+                    out_device=device if placement in RESIDENT else "cpu", fast_accum=spec.fp8_fast_accum)
     elif placement.startswith("fp8"):
         # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
