@@ -36,6 +36,7 @@ import os
 import resource
 import statistics
 import subprocess
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -560,7 +561,8 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
         defined = {k: v for k, v in vars(spec_for(rec["profile"])).items() if k != "description"}
         return applied == defined
 
-    runs: dict = {}
+    by_device: dict = {}  # table key -> {GPU: the latest current run on that GPU}
+    latest: dict = {}     # table key -> the latest current run, on whatever GPU
     env: dict = {}
     by_label: dict = {}   # run label -> the table key of the latest current run with that label
     for path in jsonl_paths:
@@ -570,20 +572,26 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
             rec = json.loads(line)
             if rec.get("check") == "fidelity":
                 key = by_label.get(rec["run"])
-                if key is not None and key in runs:
-                    runs[key]["fidelity"] = {k: rec[k] for k in ("reference", "psnr_db_min", "rel_l2_mean",
+                if key is not None and key in latest:
+                    latest[key]["fidelity"] = {k: rec[k] for k in ("reference", "psnr_db_min", "rel_l2_mean",
                                                                    "max_abs_8bit", "visibly_different")}
                 continue
             if rec.get("check") or rec.get("profile") not in PROFILES or rec.get("batch", 1) != 1 or not current(rec):
                 continue
             key = (rec["profile"], rec.get("cap_gib"))
-            runs[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])))
+            latest[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])))
+            by_device.setdefault(key, {})[rec.get("device")] = latest[key]
             by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"))] = key
-            if rec.get("ok"):
-                env = rec
+    # The table's machine is the GPU most of its profiles were measured on: a profile run there keeps
+    # that run even if a later one ran on another card (a lent machine is not always the same kind);
+    # one measured only elsewhere keeps its latest run. Each row names its GPU.
+    devices = Counter(device for runs_on in by_device.values() for device, rec in runs_on.items() if rec.get("ok"))
+    common = devices.most_common(1)[0][0] if devices else None
+    runs = {key: by_device[key].get(common, rec) for key, rec in latest.items()}
+    env = next((rec for rec in runs.values() if rec.get("ok") and rec.get("device") == common), env)
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
             "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
-    extra = ("fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
+    extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
             for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
     table = {"schema": 1,

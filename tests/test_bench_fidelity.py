@@ -118,3 +118,18 @@ def test_a_run_recorded_with_a_spec_field_since_removed_still_counts(tmp_path):
     raw.write_text(json.dumps(old) + "\n")
     table = bench.build_table([str(raw)], tmp_path / "table.json")
     assert [r["profile"] for r in table["runs"]] == ["resident_compiled"]
+
+
+def test_a_later_run_on_another_gpu_does_not_displace_the_tables_own_and_names_its_card_where_it_is_alone(
+        tmp_path):
+    h200 = {"device": "NVIDIA H200"}
+    lines = [measured("resident", None, 1.39), measured("fp8mm_compiled", None, 0.73),
+             measured("resident", None, 1.32, **h200), measured("fp8mm_compiled", 23.0, 0.74, **h200)]
+    raw = tmp_path / "runs.jsonl"
+    raw.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = bench.build_table([str(raw)], tmp_path / "table.json")
+    rows = {(r["profile"], r["cap_gib"]): r for r in table["runs"]}
+    assert table["measured"]["device"] == "NVIDIA H100 80GB HBM3"
+    resident, elsewhere = rows[("resident", None)], rows[("fp8mm_compiled", 23.0)]
+    assert (resident["s_per_image"], resident["device"]) == (1.39, "NVIDIA H100 80GB HBM3")
+    assert (elsewhere["s_per_image"], elsewhere["device"]) == (0.74, "NVIDIA H200")
