@@ -58,16 +58,21 @@ def test_a_fused_profile_with_layerwise_fp8_casting_is_refused_when_defined():
         offload.spec_for("group_stream_fp8", {"fuse_projections": True})
 
 
+def tiny_image(pipe) -> torch.Tensor:
+    """A 128x128, 2-step render of the tiny pipeline with a fixed prompt and seed."""
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="a lighthouse at dusk", height=128, width=128, num_inference_steps=2, guidance_scale=0.0,
+               generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+    return torch.from_numpy(out)
+
+
 def test_a_fused_tiny_pipeline_draws_the_same_image_as_the_unfused_one(tiny_dir):
     images = []
     for fused in (False, True):
         pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
         if fused:
             fuse.fuse_projections(pipe.transformer)
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe(prompt="a lighthouse at dusk", height=128, width=128, num_inference_steps=2, guidance_scale=0.0,
-                   generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
-        images.append(torch.from_numpy(out))
+        images.append(tiny_image(pipe))
     assert (images[0] - images[1]).abs().max().item() < 1e-4
 
 
@@ -108,8 +113,5 @@ def test_a_fused_tiny_pipeline_with_real_rope_draws_the_image_of_the_complex_rot
         fuse.fuse_projections(pipe.transformer, real_rope=real_rope)
         assert pipe.transformer.layers[0].attention.processor.rotate is (
             fuse._apply_rotary_emb_real if real_rope else fuse._apply_rotary_emb)
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe(prompt="a lighthouse at dusk", height=128, width=128, num_inference_steps=2, guidance_scale=0.0,
-                   generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
-        images.append(torch.from_numpy(out))
+        images.append(tiny_image(pipe))
     assert torch.equal(images[0], images[1])
