@@ -36,10 +36,10 @@ import os
 import resource
 import statistics
 import subprocess
-from collections import Counter
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

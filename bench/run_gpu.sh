@@ -26,10 +26,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The lent machines' Python ships its packages without byte-compiled modules and sets
-# PYTHONDONTWRITEBYTECODE=1, so every start compiled each imported module from source: the renderer's
-# imports took 13.3-13.8 s there (bench/results/imports.jsonl). A pip install, and the worker image
-# (deploy/Dockerfile.worker), byte-compile; so does this, once per machine, into a cache tree of its own
-# (PYTHONPYCACHEPREFIX) rather than into the machine's folders. ZFARM_BENCH_SOURCE_IMPORTS=1 skips it.
+# PYTHONDONTWRITEBYTECODE=1, so every start compiled each imported module from source: the worker's
+# import stage took 14.7 s there, 3.9-4.6 s byte-compiled (bench/results/). A pip install, and the
+# worker image (deploy/Dockerfile.worker), byte-compile; so does this, once per machine, into a cache
+# tree of its own (PYTHONPYCACHEPREFIX) rather than into the machine's folders.
+# ZFARM_BENCH_SOURCE_IMPORTS=1 skips it.
 if [ -z "${ZFARM_BENCH_SOURCE_IMPORTS:-}" ]; then
   export PYTHONPYCACHEPREFIX=/tmp/zfarm-pycache
   if [ ! -f "$PYTHONPYCACHEPREFIX/.zfarm-compiled" ]; then
