@@ -32,7 +32,9 @@ def test_a_run_times_the_imports_in_a_fresh_interpreter_and_appends_its_record(t
     assert any(name in record["own_s_by_package"] for name in ("json", "email"))
 
     jsonl = tmp_path / "imports.jsonl"
-    assert imports.main(["--runs", "1", "--top", "3", "--jsonl", str(jsonl)]) == 0
+    # Enough packages listed that torch is among them whatever this machine's import times: with 3, a
+    # slow scipy or transformers import (modules compiled from source) pushed it out of the list.
+    assert imports.main(["--runs", "1", "--top", "40", "--jsonl", str(jsonl)]) == 0
     [line] = jsonl.read_text().splitlines()
     assert json.loads(line)["run"] == 1 and "torch" in json.loads(line)["own_s_by_package"]
     assert json.loads(capsys.readouterr().out.strip())["tool"] == "imports"
