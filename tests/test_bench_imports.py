@@ -27,14 +27,14 @@ def test_importtime_lines_are_parsed_and_own_time_is_summed_per_top_level_packag
 
 
 def test_a_run_times_the_imports_in_a_fresh_interpreter_and_appends_its_record(tmp_path, capsys):
-    record = imports.measure(top=3, imports="import json, email.message")
+    # Generous `top` lists: what the interpreter imports at start-up (site, .pth files) and what this
+    # machine compiles from source vary, and either can crowd a short list.
+    record = imports.measure(top=50, imports="import json, email.message")
     assert record["wall_s"] > 0 and record["modules"] > 1
     assert any(name in record["own_s_by_package"] for name in ("json", "email"))
 
     jsonl = tmp_path / "imports.jsonl"
-    # Enough packages listed that torch is among them whatever this machine's import times: with 3, a
-    # slow scipy or transformers import (modules compiled from source) pushed it out of the list.
-    assert imports.main(["--runs", "1", "--top", "40", "--jsonl", str(jsonl)]) == 0
+    assert imports.main(["--runs", "1", "--top", "50", "--jsonl", str(jsonl)]) == 0
     [line] = jsonl.read_text().splitlines()
     assert json.loads(line)["run"] == 1 and "torch" in json.loads(line)["own_s_by_package"]
     assert json.loads(capsys.readouterr().out.strip())["tool"] == "imports"
