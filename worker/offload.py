@@ -157,9 +157,9 @@ SPECS: dict[str, Spec] = {
     "fp8mm_stream": Spec("DiT in native fp8, text encoder in layerwise fp8, both streamed two blocks at a time",
                          transformer="fp8mm_stream", text_encoder="fp8_stream",
                          blocks_per_group=2, record_stream=True),
-    # The same, faster: DiT q/k/v and w1/w3 fused (worker.fuse), fp8 matmuls with fast accumulation,
-    # cuDNN attention, the text encoder replayed as a CUDA graph (worker.text_encoder).
-    # ...and RoPE in real arithmetic (worker.fuse), which inductor fuses where complex numbers left eager kernels.
+    # fp8mm_compiled made faster: DiT q/k/v and w1/w3 fused (worker.fuse), fp8 matmuls with fast
+    # accumulation, cuDNN attention, the text encoder replayed as a CUDA graph (worker.text_encoder), and
+    # RoPE in real arithmetic (worker.fuse), which inductor fuses where complex numbers left eager kernels.
     # Not tuned (compile_mode "tuned"): 0.615 -> 0.602-0.605 s/img on an H100, but a start with a filled
     # compile cache took 25.7-33.8 s instead of 19.6-21.0 (the warm-up 12.9-20.8 s instead of ~6).
     "fp8mm_fast_compiled": Spec("fp8mm_compiled with fused projections, fast fp8 accumulation, cuDNN attention, "
