@@ -6,7 +6,8 @@ allocator cap (`torch.cuda.set_per_process_memory_fraction`) that plays a smalle
 worker's own loading and profile code (`worker.pipeline`, `worker.offload`):
 
   load_s, first_s (first call, compilation included), s_per_image (median of >= 5 warm 1024x1024
-  8-step images), peak allocated/reserved VRAM over load + all 1024x1024 calls, peak host RSS, and
+  8-step images), peak allocated/reserved VRAM over load + all 1024x1024 calls, peak host RSS and its
+  split into anonymous and file-backed pages (bench/host_memory.py), and
   max_pixels: the largest square side (1280..2048) that renders in 1 step with peak reserved VRAM at
   least HEADROOM_GIB under the cap (compiled blocks run eagerly for these probes, so that each size
   does not recompile; eager needs at least the memory of the compiled code).
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.host_memory import HostMemoryPeaks  # noqa: E402
 from shared import profiles as table_rules  # noqa: E402  (no torch: safe at import)
 
 RESULTS = ROOT / "bench" / "results"
@@ -77,6 +79,13 @@ def _gib(n_bytes: float) -> float:
 
 def _host_peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # ru_maxrss is KiB on Linux
+
+
+def _pinned_peak_gib(torch) -> float | None:
+    """Peak bytes torch's pinned host allocator held (blocks as rounded), where this torch reports it."""
+    stats = getattr(torch.cuda.memory, "host_memory_stats", lambda: {})()
+    peak = stats.get("allocated_bytes.peak")
+    return None if peak is None else _gib(peak)
 
 
 def _driver() -> str:
@@ -172,6 +181,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
     stage = "load"
+    memory = HostMemoryPeaks().start()
     try:
         t0 = time.perf_counter()
         applied = profile if cuda else offload.CPU_PROFILE
@@ -183,6 +193,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         sync()
         record["load_s"] = round(time.perf_counter() - t0, 2)
         record["host_rss_after_load_gib"] = _host_peak_rss_gib()
+        record["host_memory_after_load"] = memory.record()
         record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
         record["fp8_matmul"] = fp8.has_fp8_matmul(device)
         clock = StageClock(pipe, sync)
@@ -240,8 +251,11 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
             record["error"] = f"{'out of memory' if oom else type(exc).__name__} during {stage}: {message}"
     if cuda:
         record["peak_reserved_any_gib"] = _gib(torch.cuda.max_memory_reserved())
+        record["pinned_peak_gib"] = _pinned_peak_gib(torch)
     record["host_rss_gib"] = _host_peak_rss_gib() if record["host_rss_gib"] is None else record["host_rss_gib"]
     record["host_rss_end_gib"] = _host_peak_rss_gib()
+    memory.stop()
+    record.update(memory.record())
     return record
 
 
@@ -399,6 +413,8 @@ def _summary(record: dict) -> str:
     return (f"{record['profile']:28s} cap={record.get('cap_gib')!s:5s} s/img={record['s_per_image']:.3f} "
             f"first={record['first_s']:.1f} load={record['load_s']:.1f} alloc={record['peak_alloc_gib']} "
             f"reserved={record['peak_reserved_gib']} rss={record['host_rss_gib']} "
+            f"anon={record.get('host_anon_peak_gib')} host_used=+{record.get('host_used_rise_gib')} "
+            f"pinned={record.get('pinned_peak_gib')} "
             f"max_side={int((record.get('max_pixels') or 0) ** 0.5)} te={stages.get('text_encoder')} "
             f"vae={stages.get('vae_decode')} {record.get('overrides') or ''}"
             + (f" batch={record['batch']}" if record.get("batch", 1) > 1 else "") + _trace_summary(record))
@@ -591,7 +607,8 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     env = next((rec for rec in runs.values() if rec.get("ok") and rec.get("device") == common), env)
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
             "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
-    extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib", "probes", "spec")
+    extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib",
+             "host_anon_peak_gib", "host_file_peak_gib", "host_used_rise_gib", "pinned_peak_gib", "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
             for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
     table = {"schema": 1,
