@@ -47,6 +47,9 @@ BLOCK_COMPILE_MODES: dict[str, dict] = {
     "": {},
     "tuned": {"options": {"coordinate_descent_tuning": True}},
 }
+# Pinned host blocks above this size (MB) are allocated at their size, not the next power of two.
+# Small ones keep the rounding, which lets torch reuse them for the pipeline's small transfers.
+PINNED_ROUND_MAX_MB = 1
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
 
@@ -73,6 +76,7 @@ class Spec:
     te_graph: bool = False          # resident text encoder replayed as one CUDA graph (worker.text_encoder)
     real_rope: bool = False         # the fused processor rotates q/k in real arithmetic, which inductor fuses
     compile_mode: str = ""          # torch.compile mode of the DiT blocks (BLOCK_COMPILE_MODES)
+    pinned_exact: bool = False      # streamed weights pinned at their exact size (pin_at_exact_sizes)
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -92,6 +96,8 @@ class Spec:
             raise ValueError('attention "cudnn" is the fused processor\'s: it needs fuse_projections')
         if self.real_rope and not self.fuse_projections:
             raise ValueError("real_rope is the fused processor's: it needs fuse_projections")
+        if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
+            raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
             raise ValueError("te_graph needs a resident text encoder (gpu or fp8mm): moving weights cannot be captured")
 
@@ -233,9 +239,13 @@ def _device_type(device) -> str:
     return device.type if hasattr(device, "type") else str(device).split(":")[0]
 
 
-def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
+def convert_weights(module, placement: str, device, compute_dtype, spec: Spec, host="cpu") -> None:
+    """Give `module` the weight form its placement stores (native fp8, layerwise fp8, or as loaded) and
+    fuse a DiT's projections if the spec says so. Converted weights end on `device` for a resident
+    placement, else on `host`. With `device` and `host` "meta" nothing is allocated: `bench/pinned.py`
+    sizes a profile's streamed weights that way."""
     import torch
-    from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+    from diffusers.hooks import apply_layerwise_casting
 
     is_dit = hasattr(module, "noise_refiner")
     if placement.startswith("fp8mm"):
@@ -245,16 +255,43 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
         # 512-token prompt, so rounding its activations to fp8 too would buy nothing measurable.
         fp8_matmul = fp8.has_fp8_matmul(device) and is_dit
         fp8.convert(module, compute_dtype, fp8_matmul, work_device=device,
-                    out_device=device if placement in RESIDENT else "cpu", fast_accum=spec.fp8_fast_accum)
+                    out_device=device if placement in RESIDENT else host, fast_accum=spec.fp8_fast_accum)
     elif placement.startswith("fp8"):
         # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
                                 skip_modules_pattern=_skip_patterns(module))
     if is_dit and spec.fuse_projections:
         _fuse(module, spec)
+
+
+def pin_at_exact_sizes() -> None:
+    """Make torch's pinned host allocator give large blocks their exact size.
+
+    It rounds every block up to a power of two (pytorch/pytorch#150517), and diffusers' group offload
+    pins each streamed tensor on its own: +41-59% host RAM for this model's weights (`bench/pinned.py`).
+    Process-wide. torch 2.13 knows the setting; a torch that does not ignores it without a word (torch
+    accepts unknown keys here), so a benchmark's `pinned_peak_gib` is what shows that it took effect.
+    Raises RuntimeError where torch has no allocator-settings call at all."""
+    import torch
+
+    setting = f"pinned_max_round_threshold_mb:{PINNED_ROUND_MAX_MB}"
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        raise RuntimeError(f"pinned_exact: torch {torch.__version__} has no allocator settings call to set {setting}")
+    setter(setting)
+
+
+def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    is_dit = hasattr(module, "noise_refiner")
+    convert_weights(module, placement, device, compute_dtype, spec)
     if placement in RESIDENT:
         module.to(device)
         return
+    if spec.pinned_exact:
+        pin_at_exact_sizes()
     if is_dit and spec.compile:
         # Before the offload hooks wrap each block's forward, so the hooks stay outside the graph.
         compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph",
