@@ -43,10 +43,19 @@ def test_only_profiles_holding_pinned_copies_are_predicted():
     assert not pinned.keeps_pinned_copies(offload.spec_for("model_offload"))
 
 
-def test_pinned_exact_sets_torchs_pinned_rounding_threshold_and_is_refused_where_nothing_streams():
-    offload.pin_at_exact_sizes()
-    settings = torch._C._accelerator_getAllocatorSettings()
-    assert f"pinned_max_round_threshold_mb:{offload.PINNED_ROUND_MAX_MB}" in settings
+def test_pinned_exact_adds_torchs_pinned_rounding_threshold_to_the_allocator_settings_already_there():
+    before = torch._C._accelerator_getAllocatorSettings()
+    torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
+    try:
+        offload.pin_at_exact_sizes()
+        offload.pin_at_exact_sizes()
+        settings = torch._C._accelerator_getAllocatorSettings().split(",")
+    finally:
+        torch._C._accelerator_setAllocatorSettings(before)
+    assert settings == ["expandable_segments:True", f"pinned_max_round_threshold_mb:{offload.PINNED_ROUND_MAX_MB}"]
+
+
+def test_pinned_exact_is_refused_for_a_profile_that_streams_nothing():
     assert offload.spec_for("fp8mm_fast_stream_compiled", {"pinned_exact": True}).pinned_exact
     with pytest.raises(ValueError, match="pinned_exact concerns streamed weights"):
         offload.spec_for("fp8mm_fast_compiled", {"pinned_exact": True})

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
@@ -278,7 +279,12 @@ def pin_at_exact_sizes() -> None:
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     if setter is None:
         raise RuntimeError(f"pinned_exact: torch {torch.__version__} has no allocator settings call to set {setting}")
-    setter(setting)
+    # The call takes the whole settings string: what was set before (the worker's expandable_segments)
+    # goes in again, or torch would be told the setting alone.
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    current = getter() if getter else os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if setting not in current.split(","):
+        setter(f"{current},{setting}" if current else setting)
 
 
 def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
