@@ -42,36 +42,37 @@ def tensor_sizes(module) -> list[int]:
     return [t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())]
 
 
-def keeps_pinned_copies(spec) -> bool:
-    """Whether a profile holds pinned copies of streamed weights. The `_lowmem` placements pin on the
-    fly instead, a group at a time, so their pinned memory is small and not predicted here."""
+def _pinned_copy(placement: str) -> bool:
+    """Whether a placement streams from pinned host copies. The `_lowmem` placements pin on the fly
+    instead, a group at a time, so their pinned memory is small and not predicted here."""
     from worker import offload
 
-    placements = (spec.transformer, spec.text_encoder)
-    return not spec.recipe and any(p not in offload.RESIDENT and not p.endswith("_lowmem") for p in placements)
+    return placement not in offload.RESIDENT and not placement.endswith("_lowmem")
+
+
+def keeps_pinned_copies(spec) -> bool:
+    """Whether a profile holds pinned copies of streamed weights."""
+    return not spec.recipe and any(_pinned_copy(p) for p in (spec.transformer, spec.text_encoder))
 
 
 def streamed_components(profile: str, transformer_cfg: dict, text_cfg: dict, vocab: int) -> dict:
     """{component: its tensors' sizes in bytes} for each component `profile` streams from pinned copies,
     built on the meta device in the weight form the profile gives it."""
     import torch
-    from diffusers import ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
 
-    from worker import offload
+    from worker import offload, tiny
 
     spec = offload.spec_for(profile)
     placements = {"transformer": spec.transformer, "text_encoder": spec.text_encoder}
     out = {}
     for name, placement in placements.items():
-        if placement in offload.RESIDENT or placement.endswith("_lowmem"):
+        if not _pinned_copy(placement):
             continue
         with torch.device("meta"):
             if name == "transformer":
-                module = ZImageTransformer2DModel(**transformer_cfg).to(torch.bfloat16)
+                module = tiny.transformer_model(transformer_cfg, torch.bfloat16)
             else:
-                module = Qwen3Model(Qwen3Config(vocab_size=vocab, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                                                tie_word_embeddings=True, **text_cfg)).to(torch.bfloat16)
+                module = tiny.text_encoder_model(text_cfg, vocab, torch.bfloat16)
         offload.convert_weights(module, placement, "meta", torch.bfloat16, spec, host="meta")
         out[name] = tensor_sizes(module)
     return out

@@ -61,11 +61,25 @@ def _tokenizer(path: Path):
     return fast
 
 
+def transformer_model(transformer_cfg: dict, dtype):
+    """A random-weight Z-Image DiT of this architecture, on the current default device."""
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel(**transformer_cfg).to(dtype)
+
+
+def text_encoder_model(text_cfg: dict, vocab: int, dtype):
+    """A random-weight Qwen3 text encoder of this architecture, on the current default device."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    return Qwen3Model(Qwen3Config(vocab_size=vocab, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                  tie_word_embeddings=True, **text_cfg)).to(dtype)
+
+
 def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels: list, vae_layers: int,
            vocab: int | None, dtype, device: str) -> dict:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,10 +87,8 @@ def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels:
     t0 = time.monotonic()
     torch.manual_seed(SEED)
     with torch.device(device):
-        transformer = ZImageTransformer2DModel(**transformer_cfg).to(dtype)
-        text_encoder = Qwen3Model(Qwen3Config(
-            vocab_size=vocab or len(tokenizer), rope_theta=1000000.0, rms_norm_eps=1e-6,
-            tie_word_embeddings=True, **text_cfg)).to(dtype)
+        transformer = transformer_model(transformer_cfg, dtype)
+        text_encoder = text_encoder_model(text_cfg, vocab or len(tokenizer), dtype)
         # sample_size 1024 as in the published VAE config: it sets the VAE's tile size when tiling is on.
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
