@@ -4,10 +4,12 @@ One Z-Image block at 1024x1024 works on 4096 image + up to 512 caption tokens (4
 caption), model width 3840, 30 heads of 128, feed-forward 10240. This times, on those exact shapes:
   - attention with each of torch's SDPA kernels (flash, cuDNN, memory-efficient), bf16;
   - the block's matmuls in bf16 and in native fp8 (worker.fp8: row-wise scales, _scaled_mm), separate
-    and fused (q/k/v as one, w1/w3 as one), with and without fast accumulation.
+    and fused (q/k/v as one, w1/w3 as one), with and without fast accumulation;
+  - the feed-forward's gate and its fp8 row scaling, compiled by inductor and as worker.fp8_kernels'
+    hand-written kernel.
 Each line is printed with its TFLOP/s and appended to --jsonl.
 
-  python -m bench.kernels [--tokens 4224] [--jsonl FILE]
+  python -m bench.kernels [--tokens 4224] [--jsonl FILE] [--only attention|matmul|gate]
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def matmul_rows(tokens: int) -> list[dict]:
             variants["bf16 fused"] = lambda f=fused_bf16: F.linear(inp, f.weight)
         # fp8: the matmuls alone, on an input scaled and rounded once beforehand (in the compiled blocks
         # that rounding is fused into the kernel before, so it is left out here).
-        rows_fp8, scale_a = _quantize_rows(inp)
+        rows_fp8, scale_a = fp8.quantize_rows(inp)
         layers = [fp8.Fp8Linear.from_linear(lin, torch.bfloat16, True) for lin in linears]
         fused = fp8.Fp8Linear.concat(layers) if len(layers) > 1 else None
         for fast in (False, True):
@@ -94,12 +96,32 @@ def matmul_rows(tokens: int) -> list[dict]:
     return rows
 
 
-def _quantize_rows(x):
-    from worker import fp8
+def gate_rows(tokens: int) -> list[dict]:
+    """The feed-forward's gate, silu(w1 x) * w3 x scaled and rounded to fp8 row by row, as the compiled
+    blocks ran it (inductor) and as worker.fp8_kernels' kernel runs it, with the kernel's warps varied.
+    GB/s counts the bytes that must move: the fused w1/w3 output read once, fp8 rows and scales written.
+    `fp8_equal` is the share of fp8 values identical to inductor's; `max_rel_err` the largest
+    difference of the dequantised rows, relative to the row's largest value."""
+    import torch
 
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=1, keepdim=True) / fp8.FP8_MAX).clamp(min=1e-12)
-    return (x32 / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE), scale
+    from worker import fp8_kernels
+
+    gate_value = torch.randn(tokens, 2 * FFN, device="cuda", dtype=torch.bfloat16) * 2
+    moved = tokens * (2 * FFN * 2 + FFN + 4)
+    compiled = torch.compile(fp8_kernels.reference, fullgraph=True)
+    expect_fp8, expect_scale = compiled(gate_value)
+    expected = expect_fp8.float() * expect_scale
+    variants = {"gate eager": lambda: fp8_kernels.reference(gate_value), "gate compiled": lambda: compiled(gate_value)}
+    for warps in (4, 8, 16, 32):
+        variants[f"gate kernel {warps} warps"] = lambda w=warps: fp8_kernels.run_kernel(gate_value, num_warps=w)
+    rows = []
+    for tag, fn in variants.items():
+        got_fp8, got_scale = fn()
+        ms = _time_ms(fn)
+        rows.append({"kernel": tag, "ms": round(ms, 4), "gb_s": round(moved / ms / 1e6),
+                     "fp8_equal": round((got_fp8.view(torch.uint8) == expect_fp8.view(torch.uint8)).float().mean().item(), 6),
+                     "max_rel_err": float((got_fp8.float() * got_scale - expected).abs().max() / expected.abs().max())})
+    return rows
 
 
 def _scaled(x_fp8, scale_a, layer, fast: bool):
@@ -113,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4224)
     parser.add_argument("--jsonl", default="")
+    parser.add_argument("--only", choices=("attention", "matmul", "gate"), help="time one group of kernels")
     args = parser.parse_args(argv)
     import torch
 
@@ -122,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     from bench.profiles import emit
 
-    for row in attention_rows(args.tokens) + matmul_rows(args.tokens):
-        emit({**row, **env}, args.jsonl)
+    groups = {"attention": attention_rows, "matmul": matmul_rows, "gate": gate_rows}
+    for name, rows in groups.items():
+        if args.only in (None, name):
+            for row in rows(args.tokens):
+                emit({**row, **env}, args.jsonl)
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 from diffusers.hooks import apply_group_offloading
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
-from worker import offload, pipeline
+from worker import compile_modes, offload, pipeline
 
 
 def render(pipe, side: int = 128, prompt: str = "a lighthouse at dusk") -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_a_block_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refuse
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
-    offload.compile_blocks_under_hooks(pipe.transformer, **offload.BLOCK_COMPILE_MODES["tuned"])
+    offload.compile_blocks_under_hooks(pipe.transformer, **compile_modes.block_compile_args("tuned"))
     assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
     with pytest.raises(ValueError, match="block compile mode"):
         offload.spec_for("fp8mm_fast_compiled", {"compile_mode": "max-autotune"})

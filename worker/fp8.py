@@ -21,7 +21,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)   # 448
 # _scaled_mm needs the inner and output sizes to be multiples of 16.
 _ALIGN = 16
-_MIN_SCALE = 1e-12
+MIN_SCALE = 1e-12
 # Linear layers worth converting: the transformer blocks of the DiT and of the text encoder. The DiT's
 # adaLN modulation (one row per image, sets the scales and gates of every block) stays in bf16: it is
 # tiny, and its output multiplies everything downstream.
@@ -39,8 +39,16 @@ def has_fp8_matmul(device) -> bool:
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 weight, float32 scale of shape (out, 1)) with weight ~= fp8 * scale, channel by channel."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 rows, float32 scale of shape (rows, 1)) with rows ~= fp8 * scale: the activation side of an
+    fp8 matmul, one scale per row so one large token does not flatten the others."""
+    x32 = rows.float()
+    x_scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x32 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), x_scale
 
 
 class Fp8Linear(torch.nn.Module):
@@ -89,15 +97,16 @@ class Fp8Linear(torch.nn.Module):
         if not self.fp8_matmul:
             weight = self.weight.to(self.compute_dtype) * self.weight_scale.t().to(self.compute_dtype)
             return F.linear(x.to(self.compute_dtype), weight, self.bias)
-        rows = x.reshape(-1, self.in_features)
-        x32 = rows.float()
-        x_scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
-        x_fp8 = (x32 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        x_fp8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        return self.matmul_fp8(x_fp8, x_scale).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul_fp8(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """The layer on input rows already in fp8 with their scales (`quantize_rows`): (rows, out)."""
         out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

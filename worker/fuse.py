@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from worker import fp8
+from worker import fp8, fp8_kernels
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
@@ -38,15 +38,23 @@ def concat_linears(layers: list[torch.nn.Module]) -> torch.nn.Module:
 
 
 class GatedFeedForward(torch.nn.Module):
-    """Z-Image's SiLU-gated feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in one layer `w13`."""
+    """Z-Image's SiLU-gated feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in one layer `w13`.
 
-    def __init__(self, w13: torch.nn.Module, w2: torch.nn.Module):
+    `gate_kernel`: where w2 runs an fp8 matmul, the gate and w2's row scaling run as one hand-written
+    kernel (`worker.fp8_kernels`) instead of inductor's; elsewhere it changes nothing."""
+
+    def __init__(self, w13: torch.nn.Module, w2: torch.nn.Module, gate_kernel: bool = False):
         super().__init__()
         self.w13 = w13
         self.w2 = w2
+        self.gate_kernel = gate_kernel and isinstance(w2, fp8.Fp8Linear) and w2.fp8_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w13(x).chunk(2, dim=-1)
+        gate_value = self.w13(x)
+        if self.gate_kernel:
+            rows_fp8, row_scales = fp8_kernels.silu_gate_fp8(gate_value.reshape(-1, gate_value.shape[-1]))
+            return self.w2.matmul_fp8(rows_fp8, row_scales).reshape(*x.shape[:-1], self.w2.out_features)
+        gate, value = gate_value.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * value)
 
 
@@ -119,12 +127,14 @@ class FusedQKVAttnProcessor:
         return output
 
 
-def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False, real_rope: bool = False) -> int:
+def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False, real_rope: bool = False,
+                     gate_kernel: bool = False) -> int:
     """Fuse q/k/v and w1/w3 in every block of a Z-Image DiT, in place (layers already on their device
     stay there: each block's fused weights are built beside its old ones, one block at a time).
     Returns how many blocks were fused. Call after fp8 conversion and before compiling.
     `cudnn_attention`: the fused processor calls cuDNN attention directly (see FusedQKVAttnProcessor).
-    `real_rope`: it rotates q and k in real arithmetic, which compiles into one kernel (same numbers)."""
+    `real_rope`: it rotates q and k in real arithmetic, which compiles into one kernel (same numbers).
+    `gate_kernel`: the feed-forwards run their gate through `worker.fp8_kernels` (GatedFeedForward)."""
     fused = 0
     for list_name in BLOCK_LISTS:
         for block in getattr(transformer, list_name, ()):
@@ -133,6 +143,6 @@ def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False
             del attn.to_q, attn.to_k, attn.to_v
             attn.set_processor(FusedQKVAttnProcessor(cudnn=cudnn_attention, real_rope=real_rope))
             ff = block.feed_forward
-            block.feed_forward = GatedFeedForward(concat_linears([ff.w1, ff.w3]), ff.w2)
+            block.feed_forward = GatedFeedForward(concat_linears([ff.w1, ff.w3]), ff.w2, gate_kernel=gate_kernel)
             fused += 1
     return fused

@@ -31,6 +31,8 @@ import functools
 import os
 from dataclasses import dataclass
 
+from worker.compile_modes import BLOCK_COMPILE_MODES, block_compile_args
+
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
 VAE_TILE_PX = 512
@@ -38,16 +40,6 @@ PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream
               "fp8mm_stream_lowmem")
 RESIDENT = ("gpu", "fp8", "fp8mm")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
-# How the DiT blocks are compiled, by name: extra torch.compile arguments.
-#   tuned  inductor times a few tilings of each generated kernel (coordinate descent) and keeps the
-#          fastest; its choices go to the compile cache with the kernels.
-# Not offered: "max-autotune-no-cudagraphs" (on an H100 its first image had not finished after 420 s
-# of timing matmul templates); CUDA-graph modes (each block's weights sit at other addresses, so each
-# block would record a graph of its own); dynamic=True (on the CPU the blocks still made 3 graphs).
-BLOCK_COMPILE_MODES: dict[str, dict] = {
-    "": {},
-    "tuned": {"options": {"coordinate_descent_tuning": True}},
-}
 # Pinned host blocks above this size (MB) are allocated at their size, not the next power of two.
 # Small ones keep the rounding, which lets torch reuse them for the pipeline's small transfers.
 PINNED_ROUND_MAX_MB = 1
@@ -76,8 +68,9 @@ class Spec:
     fp8_fast_accum: bool = False    # native fp8 matmuls without float32 promotion of partial sums
     te_graph: bool = False          # resident text encoder replayed as one CUDA graph (worker.text_encoder)
     real_rope: bool = False         # the fused processor rotates q/k in real arithmetic, which inductor fuses
-    compile_mode: str = ""          # torch.compile mode of the DiT blocks (BLOCK_COMPILE_MODES)
+    compile_mode: str = ""          # how the DiT blocks are compiled (worker.compile_modes)
     pinned_exact: bool = False      # streamed weights pinned at their exact size (pin_at_exact_sizes)
+    gate_kernel: bool = False       # feed-forward gate + fp8 row scaling in one Triton kernel (worker.fp8_kernels)
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -97,6 +90,9 @@ class Spec:
             raise ValueError('attention "cudnn" is the fused processor\'s: it needs fuse_projections')
         if self.real_rope and not self.fuse_projections:
             raise ValueError("real_rope is the fused processor's: it needs fuse_projections")
+        if self.gate_kernel and not (self.fuse_projections and self.transformer.startswith("fp8mm")):
+            raise ValueError("gate_kernel feeds a native fp8 w2 from the fused w1/w3: it needs transformer "
+                             "fp8mm* and fuse_projections")
         if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
             raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
@@ -173,6 +169,14 @@ SPECS: dict[str, Spec] = {
                                 "fused RoPE and the text encoder as a CUDA graph", transformer="fp8mm",
                                 compile="fullgraph", vae_compile=True, fuse_projections=True, fp8_fast_accum=True,
                                 attention="cudnn", te_graph=True, real_rope=True),
+    # fp8mm_fast_compiled with its two slowest generated kernels replaced: the feed-forward gate and its
+    # fp8 scaling in one hand-written kernel (worker.fp8_kernels), and the 3840-wide norms and scalings
+    # as persistent reductions (worker.compile_modes), each of which read its rows twice.
+    "fp8mm_fast_gate_compiled": Spec("fp8mm_fast_compiled with the feed-forward gate in a hand-written kernel "
+                                     "and the norms' row reductions in one pass", transformer="fp8mm",
+                                     compile="fullgraph", vae_compile=True, fuse_projections=True,
+                                     fp8_fast_accum=True, attention="cudnn", te_graph=True, real_rope=True,
+                                     gate_kernel=True, compile_mode="persistent"),
     "fp8mm_both_fast_compiled": Spec("fp8mm_both_compiled made fast as fp8mm_fast_compiled",
                                      transformer="fp8mm", text_encoder="fp8mm", compile="fullgraph",
                                      vae_compile=True, fuse_projections=True, fp8_fast_accum=True,
@@ -301,7 +305,7 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
     if is_dit and spec.compile:
         # Before the offload hooks wrap each block's forward, so the hooks stay outside the graph.
         compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph",
-                                   **BLOCK_COMPILE_MODES[spec.compile_mode])
+                                   **block_compile_args(spec.compile_mode))
     apply_group_offloading(module, onload_device=torch.device(device), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=spec.blocks_per_group,
                            use_stream=True, record_stream=spec.record_stream,
@@ -333,7 +337,8 @@ def compile_blocks_under_hooks(model, fullgraph: bool = True, **compile_args) ->
 def _fuse(transformer, spec: Spec) -> None:
     from worker import fuse
 
-    fuse.fuse_projections(transformer, cudnn_attention=spec.attention == "cudnn", real_rope=spec.real_rope)
+    fuse.fuse_projections(transformer, cudnn_attention=spec.attention == "cudnn", real_rope=spec.real_rope,
+                          gate_kernel=spec.gate_kernel)
 
 
 def _skip_patterns(module) -> tuple[str, ...]:
@@ -376,7 +381,7 @@ def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None)
         pipe.transformer.set_attention_backend(spec.attention)
     if spec.compile and spec.transformer in RESIDENT:  # a streamed DiT's blocks were compiled in _place
         pipe.transformer.compile_repeated_blocks(fullgraph=spec.compile == "fullgraph",
-                                                 **BLOCK_COMPILE_MODES[spec.compile_mode])
+                                                 **block_compile_args(spec.compile_mode))
     if spec.vae_compile:
         pipe.vae.decoder.compile(fullgraph=True)
     if spec.te_graph:
