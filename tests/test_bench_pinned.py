@@ -1,6 +1,8 @@
 """Pinned host memory of streamed profiles (bench/pinned.py) and the `pinned_exact` profile field."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -53,6 +55,15 @@ def test_pinned_exact_adds_torchs_pinned_rounding_threshold_to_the_allocator_set
     finally:
         torch._C._accelerator_setAllocatorSettings(before)
     assert settings == ["expandable_segments:True", f"pinned_max_round_threshold_mb:{offload.PINNED_ROUND_MAX_MB}"]
+
+
+def test_a_torch_that_refuses_the_pinned_setting_fails_the_profile_with_its_version_named(monkeypatch):
+    def refuse(settings):  # what torch 2.11 does (seen on the GPU machine)
+        raise ValueError("Unrecognized key 'pinned_max_round_threshold_mb' in Accelerator allocator config.")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse)
+    with pytest.raises(offload.ProfileError, match=rf"pinned_exact: torch {re.escape(torch.__version__)} .*Unrecognized key"):
+        offload.pin_at_exact_sizes()
 
 
 def test_pinned_exact_is_refused_for_a_profile_that_streams_nothing():

@@ -274,9 +274,9 @@ def pin_at_exact_sizes() -> None:
 
     It rounds every block up to a power of two (pytorch/pytorch#150517), and diffusers' group offload
     pins each streamed tensor on its own: +41-59% host RAM for this model's weights (`bench/pinned.py`).
-    Process-wide. torch 2.13 knows the setting; a torch that does not ignores it without a word (torch
-    accepts unknown keys here), so a benchmark's `pinned_peak_gib` is what shows that it took effect.
-    Raises RuntimeError where torch has no allocator-settings call at all."""
+    Process-wide. torch 2.13 knows the setting; torch 2.11 refuses it ("Unrecognized key", seen on the
+    GPU machine), which becomes a ProfileError naming the torch version. Raises RuntimeError where torch
+    has no allocator-settings call at all."""
     import torch
 
     setting = f"pinned_max_round_threshold_mb:{PINNED_ROUND_MAX_MB}"
@@ -288,7 +288,11 @@ def pin_at_exact_sizes() -> None:
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     current = getter() if getter else os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if setting not in current.split(","):
-        setter(f"{current},{setting}" if current else setting)
+        try:
+            setter(f"{current},{setting}" if current else setting)
+        except (ValueError, RuntimeError) as exc:
+            raise ProfileError(f"pinned_exact: torch {torch.__version__} does not take the allocator setting "
+                               f"{setting} ({exc})") from exc
 
 
 def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
