@@ -61,6 +61,7 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.host_memory import drop_page_cache  # noqa: E402
 from shared import keys  # noqa: E402
 
 SIZE_PX = 1024
@@ -157,12 +158,6 @@ def empty_folder(path: Path) -> None:
     if resolved.exists():
         shutil.rmtree(resolved)
     resolved.mkdir(parents=True)
-
-
-def drop_page_cache() -> tuple[bool, str]:
-    """`sync; echo 3 > /proc/sys/vm/drop_caches`: (worked, why not)."""
-    proc = subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], capture_output=True, text=True)
-    return proc.returncode == 0, " ".join(proc.stderr.split())[:200]
 
 
 def submit_one(redis_url: str, storage_url: str, size: int, steps: int):

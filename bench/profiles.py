@@ -16,11 +16,13 @@ With --fidelity-dir each run also keeps two seeds' decoded images, and the matri
 every run with the bf16 resident eager run (`resident@none`) on the same seeds: relative L2, PSNR,
 largest 8-bit difference, and whether the change counts as visible (worst seed under 40 dB).
 `+batch=N` in a plan item renders N images per pipeline call (exploration, never in the table).
+With --host-memory-limit-gib each run is limited to that much host memory (bench/memory_limit.py):
+finishing there proves the profile fits a host with HOST_RESERVE_GIB more.
 
   python -m bench.profiles build DIR
   python -m bench.profiles run DIR PROFILE [--cap-gib N] [--set key=value ...] --jsonl FILE
   python -m bench.profiles matrix DIR "PROFILE@CAP[+key=value...]" ... --jsonl FILE [--deadline-s S]
-                                   [--fidelity-dir D]
+                                   [--fidelity-dir D] [--host-memory-limit-gib G]
   python -m bench.profiles fidelity D [--jsonl FILE]     # compare kept images again
   python -m bench.profiles smoke            # every profile on the tiny pipeline (catches errors cheaply)
   python -m bench.profiles worker-check DIR --vram-class N --table T --jsonl FILE
@@ -32,6 +34,7 @@ they stay in the raw JSONL but never enter the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -438,7 +441,9 @@ def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
 
 
 def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int,
-               fidelity_dir: str = "") -> None:
+               fidelity_dir: str = "", host_memory_limit_gib: float | None = None) -> None:
+    """Each plan item in a fresh process; with `host_memory_limit_gib`, each under that host-memory
+    limit (bench/memory_limit.py), the page cache dropped before it."""
     started = time.monotonic()
     labels = []   # this matrix's runs: the fidelity folder may hold images of earlier ones
     for item in plan:
@@ -454,17 +459,25 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
             for s in sets:
                 cmd += ["--set", s]
             t0 = time.monotonic()
-            try:
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-                text = Path(result.name).read_text()
-                record = json.loads(text) if text.strip() else None
-                tail = (proc.stderr or "")[-1500:]
-                if record is None:
+            with contextlib.ExitStack() as stack:
+                limit = None
+                if host_memory_limit_gib:
+                    limit = stack.enter_context(_limited_host_memory(host_memory_limit_gib))
+                    cmd = limit.wrap(cmd)
+                try:
+                    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+                    text = Path(result.name).read_text()
+                    record = json.loads(text) if text.strip() else None
+                    tail = (proc.stderr or "")[-1500:]
+                    if record is None:
+                        record = {"profile": profile, "cap_gib": cap_gib, "ok": False,
+                                  "overrides": _parse_overrides(sets),
+                                  "error": f"process exited {proc.returncode} without a result: {tail[-600:]}"}
+                except subprocess.TimeoutExpired:
                     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
-                              "error": f"process exited {proc.returncode} without a result: {tail[-600:]}"}
-            except subprocess.TimeoutExpired:
-                record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
-                          "error": f"timed out after {timeout_s} s"}
+                              "error": f"timed out after {timeout_s} s"}
+                if limit is not None:
+                    record.update(limit.report(), page_cache_dropped=True)
             record["wall_s"] = round(time.monotonic() - t0, 1)
         _append(jsonl, record)
         print(_summary(record), flush=True)
@@ -472,6 +485,19 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
         for record in fidelity(fidelity_dir, runs=labels):
             _append(jsonl, record)
             print(_fidelity_summary(record), flush=True)
+
+
+@contextlib.contextmanager
+def _limited_host_memory(limit_gib: float):
+    """A MemoryLimit for one run, after dropping the page cache (else cached weights go uncharged)."""
+    from bench.host_memory import drop_page_cache
+    from bench.memory_limit import MemoryLimit, MemoryLimitError
+
+    dropped, why = drop_page_cache()
+    if not dropped:
+        raise MemoryLimitError(f"a host-memory limit needs the page cache dropped first (root): {why or 'failed'}")
+    with MemoryLimit(limit_gib) as limit:
+        yield limit
 
 
 def _fidelity_summary(record: dict) -> str:
@@ -608,7 +634,9 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
             "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
     extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib",
-             "host_anon_peak_gib", "host_file_peak_gib", "host_used_rise_gib", "pinned_peak_gib", "probes", "spec")
+             "host_anon_peak_gib", "host_file_peak_gib", "host_shmem_peak_gib", "host_used_rise_gib",
+             "pinned_peak_gib", "host_memory_limit_gib", "host_memory_limit_peak_gib", "host_memory_limit_events",
+             "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
             for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
     table = {"schema": 1,
@@ -667,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-s", type=float, default=1e9, help="start no run after this many seconds")
     p.add_argument("--n", type=int, default=WARM_IMAGES)
     p.add_argument("--fidelity-dir", default="", help="keep images and compare each run with " + REFERENCE_LABEL)
+    p.add_argument("--host-memory-limit-gib", type=float,
+                   help="run each item under this host-memory limit (cgroup v2, root): bench/memory_limit.py")
     p = sub.add_parser("fidelity", help="compare the images kept in DIR with the reference run's")
     p.add_argument("dir")
     p.add_argument("--reference", default=REFERENCE_LABEL)
@@ -704,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary(record), flush=True)
         return 0 if record["ok"] else 1
     if args.command == "matrix":
-        run_matrix(args.dir, args.plan, args.jsonl, args.timeout_s, args.deadline_s, args.n, args.fidelity_dir)
+        run_matrix(args.dir, args.plan, args.jsonl, args.timeout_s, args.deadline_s, args.n, args.fidelity_dir,
+                   args.host_memory_limit_gib)
         return 0
     if args.command == "fidelity":
         for record in fidelity(args.dir, args.reference):

@@ -4,6 +4,7 @@
 #   bash bench/run_gpu.sh smoke                       # every profile on the tiny pipeline (seconds each)
 #   bash bench/run_gpu.sh build                       # full-size random pipeline, cached in $ZFARM_BENCH_DIR
 #   bash bench/run_gpu.sh matrix PROFILE@CAP ...      # each in a fresh process; CAP in GiB or "none"
+#   HOST_MEMORY_LIMIT_GIB=23 bash bench/run_gpu.sh matrix ...   # each under a host-memory limit (cgroup v2)
 #   bash bench/run_gpu.sh worker CLASS ...            # worker.diffusion on the chosen profile under the class cap
 #   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
 #   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
@@ -54,7 +55,8 @@ case "$cmd" in
     python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
     python3 -m bench.profiles matrix "$DIR" "$@" --jsonl "$RESULTS_DIR/runs.jsonl" \
       --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" \
-      --fidelity-dir "${FIDELITY_DIR:-/tmp/zfarm-fidelity}" ;;
+      --fidelity-dir "${FIDELITY_DIR:-/tmp/zfarm-fidelity}" \
+      ${HOST_MEMORY_LIMIT_GIB:+--host-memory-limit-gib "$HOST_MEMORY_LIMIT_GIB"} ;;
   worker)
     for c in "$@"; do
       python3 -m bench.profiles worker-check "$DIR" --vram-class "$c" --jsonl "$RESULTS_DIR/worker_check.jsonl" \

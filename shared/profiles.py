@@ -7,7 +7,9 @@ The table is `bench/results/profile_table.json` (shipped in the package as
 `shared/profile_table.json`); the benchmark `bench/profiles.py` writes it. Each run records one
 profile measured under one allocator cap on a GPU. A profile is chosen for a class only from a run
 that completed under a cap no larger than the class's cap with peak reserved VRAM at least
-`HEADROOM_GIB` below it, and whose host RSS fits the machine: never from folklore.
+`HEADROOM_GIB` below it, and whose host RSS fits the machine: never from folklore. A run made under a
+host-memory limit (bench/memory_limit.py) has the RSS that limit allowed: the kernel reclaimed the
+checkpoint's file pages to stay under it, which peak RSS otherwise counts in full.
 
 A lossy profile (fp8 weights or matmuls, another attention kernel: the row's `lossy`) is chosen only
 when the benchmark compared its images with the bf16 reference on the same seeds and found them not
