@@ -101,7 +101,7 @@ def gate_rows(tokens: int) -> list[dict]:
     blocks ran it (inductor) and as worker.fp8_kernels' kernel runs it, with the kernel's warps varied.
     GB/s counts the bytes that must move: the fused w1/w3 output read once, fp8 rows and scales written.
     `fp8_equal` is the share of fp8 values identical to inductor's; `max_rel_err` the largest
-    difference of the dequantised rows, relative to the row's largest value."""
+    difference of the dequantised rows, relative to the largest value of the whole tensor."""
     import torch
 
     from worker import fp8_kernels
