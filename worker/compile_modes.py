@@ -27,11 +27,16 @@ PERSISTENT_ROW_MAX = 4096
 BLOCK_COMPILE_MODES = ("", "tuned", "persistent")
 
 
+def check_mode(mode: str) -> None:
+    """Raises ValueError naming the known modes unless `mode` is one."""
+    if mode not in BLOCK_COMPILE_MODES:
+        raise ValueError(f"unknown block compile mode {mode!r} (known: {', '.join(map(repr, BLOCK_COMPILE_MODES))})")
+
+
 def block_compile_args(mode: str) -> dict:
     """torch.compile keyword arguments for the DiT blocks in compile mode `mode`. For "persistent" this
     also widens inductor's persistent reductions in this process (install_persistent_reductions)."""
-    if mode not in BLOCK_COMPILE_MODES:
-        raise ValueError(f"unknown block compile mode {mode!r} (known: {', '.join(map(repr, BLOCK_COMPILE_MODES))})")
+    check_mode(mode)
     if mode == "tuned":
         return {"options": {"coordinate_descent_tuning": True}}
     if mode == "persistent":

@@ -31,7 +31,8 @@ import functools
 import os
 from dataclasses import dataclass
 
-from worker.compile_modes import BLOCK_COMPILE_MODES, block_compile_args
+from worker import compile_modes
+from worker.compile_modes import block_compile_args
 
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
@@ -78,9 +79,7 @@ class Spec:
                 raise ValueError(f"unknown placement {part!r} (known: {', '.join(PLACEMENTS)})")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {self.compile!r}")
-        if self.compile_mode not in BLOCK_COMPILE_MODES:
-            raise ValueError(f"unknown block compile mode {self.compile_mode!r} "
-                             f"(known: {', '.join(repr(m) for m in BLOCK_COMPILE_MODES)})")
+        compile_modes.check_mode(self.compile_mode)
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}")
         if self.fuse_projections and self.transformer in ("fp8", "fp8_stream", "fp8_stream_lowmem"):
