@@ -6,10 +6,12 @@ caption), model width 3840, 30 heads of 128, feed-forward 10240. This times, on 
   - the block's matmuls in bf16 and in native fp8 (worker.fp8: row-wise scales, _scaled_mm), separate
     and fused (q/k/v as one, w1/w3 as one), with and without fast accumulation;
   - the feed-forward's gate and its fp8 row scaling, compiled by inductor and as worker.fp8_kernels'
+    hand-written kernel;
+  - the q/k head norms with the rotary embedding, compiled by inductor and as worker.qk_kernel's
     hand-written kernel.
 Each line is printed with its TFLOP/s and appended to --jsonl.
 
-  python -m bench.kernels [--tokens 4224] [--jsonl FILE] [--only attention|matmul|gate]
+  python -m bench.kernels [--tokens 4224] [--jsonl FILE] [--only attention|matmul|gate|qk]
 """
 from __future__ import annotations
 
@@ -124,6 +126,40 @@ def gate_rows(tokens: int) -> list[dict]:
     return rows
 
 
+def qk_rows(tokens: int) -> list[dict]:
+    """q and k's head norms and rotary embedding, as eager runs them, as the compiled blocks ran them
+    (inductor) and as worker.qk_kernel's kernel runs them (warps varied; `inline` is the triton_op
+    compiled, as a block launches it). GB/s counts q and k read and written once and the rotation's
+    factors read. `bf16_equal` is the share of values identical to eager's; `max_rel_err` the largest
+    difference relative to the largest value."""
+    import torch
+
+    from worker import qk_kernel
+
+    qkv = torch.randn(1, tokens, 3 * DIM, device="cuda", dtype=torch.bfloat16) * 2
+    q_weight = (1 + 0.1 * torch.randn(HEAD_DIM, device="cuda")).to(torch.bfloat16)
+    k_weight = (1 + 0.1 * torch.randn(HEAD_DIM, device="cuda")).to(torch.bfloat16)
+    angles = torch.rand(1, tokens, HEAD_DIM // 2, device="cuda") * 100
+    rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    args = (qkv, q_weight, k_weight, rope, HEADS, 1e-5)
+    moved = 2 * 2 * tokens * DIM * 2 + rope.numel() * 4
+    expected = qk_kernel.reference(*args).float()
+    compiled = torch.compile(qk_kernel.reference, fullgraph=True)
+    inline = torch.compile(qk_kernel.qk_norm_rope_inline, fullgraph=True)
+    variants = {"qk eager": lambda: qk_kernel.reference(*args), "qk compiled": lambda: compiled(*args),
+                "qk kernel inline compiled": lambda: inline(*args)}
+    for warps in (2, 4, 8):
+        variants[f"qk kernel {warps} warps"] = lambda w=warps: qk_kernel.run_kernel(*args, num_warps=w)
+    rows = []
+    for tag, fn in variants.items():
+        got = fn().float()
+        ms = _time_ms(fn)
+        rows.append({"kernel": tag, "ms": round(ms, 4), "gb_s": round(moved / ms / 1e6),
+                     "bf16_equal": round((got == expected).float().mean().item(), 6),
+                     "max_rel_err": float((got - expected).abs().max() / expected.abs().max())})
+    return rows
+
+
 def _scaled(x_fp8, scale_a, layer, fast: bool):
     import torch
 
@@ -135,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4224)
     parser.add_argument("--jsonl", default="")
-    parser.add_argument("--only", choices=("attention", "matmul", "gate"), help="time one group of kernels")
+    parser.add_argument("--only", choices=("attention", "matmul", "gate", "qk"), help="time one group of kernels")
     args = parser.parse_args(argv)
     import torch
 
@@ -145,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     from bench.profiles import emit
 
-    groups = {"attention": attention_rows, "matmul": matmul_rows, "gate": gate_rows}
+    groups = {"attention": attention_rows, "matmul": matmul_rows, "gate": gate_rows, "qk": qk_rows}
     for name, rows in groups.items():
         if args.only in (None, name):
             for row in rows(args.tokens):

@@ -7,7 +7,9 @@ on an H100 (bench/results/). Here one program holds its whole row in registers, 
 gate and value are read once.
 
 `silu_gate_fp8` is a torch custom op: `torch.compile(fullgraph=True)` traces it as one opaque call.
-On a CUDA tensor it runs the Triton kernel; elsewhere (CPU, and the tests) the same arithmetic in torch.
+`silu_gate_fp8_inline` is the same declared with `torch.library.triton_op`: inductor launches the
+kernel from its own generated code instead of calling back into Python. On a CUDA tensor each runs
+the Triton kernel; elsewhere (CPU, and the tests) the same arithmetic in torch.
 """
 from __future__ import annotations
 
@@ -53,37 +55,47 @@ def _kernel():
     return silu_gate_fp8_kernel
 
 
-def run_kernel(gate_value: torch.Tensor, num_warps: int = NUM_WARPS,
-               out_dtype: torch.dtype = fp8.FP8_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+def run_kernel(gate_value: torch.Tensor, num_warps: int = NUM_WARPS, out_dtype: torch.dtype = fp8.FP8_DTYPE,
+               launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton kernel on a (rows, 2 * width) tensor whose rows are contiguous. `out_dtype` float32
     keeps the scaled rows unrounded (the tests check the kernel's arithmetic that way in Triton's
-    interpreter, whose fp8 rounding differs from the GPU's)."""
+    interpreter, whose fp8 rounding differs from the GPU's). `launch` wraps the kernel
+    (`torch.library.wrap_triton` for the inline op)."""
     import triton
 
     rows, double_width = gate_value.shape
     width = double_width // 2
     out = torch.empty((rows, width), device=gate_value.device, dtype=out_dtype)
     scale = torch.empty((rows, 1), device=gate_value.device, dtype=torch.float32)
-    if rows:
-        _kernel()[(rows,)](gate_value, out, scale, width, gate_value.stride(0), out.stride(0),
-                           fp8.FP8_MAX, fp8.MIN_SCALE, BLOCK=triton.next_power_of_2(width),
-                           num_warps=num_warps)
+    kernel = _kernel() if launch is None else launch(_kernel())
+    kernel[(rows,)](gate_value, out, scale, width, gate_value.stride(0), out.stride(0), fp8.FP8_MAX,
+                    fp8.MIN_SCALE, BLOCK=triton.next_power_of_2(width), num_warps=num_warps)
     return out, scale
 
 
-@torch.library.custom_op("zfarm::silu_gate_fp8", mutates_args=())
-def silu_gate_fp8(gate_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 rows, float32 row scales of shape (rows, 1)) of silu(gate) * value, where `gate_value` is
-    (rows, 2 * width) with the gate in the first half of each row: the fused w1/w3 output."""
+def _forward(gate_value: torch.Tensor, num_warps: int, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     if gate_value.dim() != 2 or gate_value.shape[1] % 2:
         raise ValueError(f"silu_gate_fp8 takes (rows, 2 * width), got {tuple(gate_value.shape)}")
     if gate_value.is_cuda:
-        return run_kernel(gate_value.contiguous())
+        return run_kernel(gate_value.contiguous(), num_warps, launch=launch)
     return reference(gate_value)
 
 
+@torch.library.custom_op("zfarm::silu_gate_fp8", mutates_args=())
+def silu_gate_fp8(gate_value: torch.Tensor, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 rows, float32 row scales of shape (rows, 1)) of silu(gate) * value, where `gate_value` is
+    (rows, 2 * width) with the gate in the first half of each row: the fused w1/w3 output."""
+    return _forward(gate_value, num_warps)
+
+
 @silu_gate_fp8.register_fake
-def _(gate_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _(gate_value: torch.Tensor, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
     rows, double_width = gate_value.shape
     return (gate_value.new_empty((rows, double_width // 2), dtype=fp8.FP8_DTYPE),
             gate_value.new_empty((rows, 1), dtype=torch.float32))
+
+
+@torch.library.triton_op("zfarm::silu_gate_fp8_inline", mutates_args=())
+def silu_gate_fp8_inline(gate_value: torch.Tensor, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`silu_gate_fp8`, declared so that inductor launches the kernel from its generated code."""
+    return _forward(gate_value, num_warps, launch=torch.library.wrap_triton)

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from worker import fp8, fp8_kernels
+from worker import qk_kernel as qk_kernel_module
+from worker.rope import apply_rotary_emb as _apply_rotary_emb
+from worker.rope import apply_rotary_emb_real as _apply_rotary_emb_real
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
@@ -41,40 +44,26 @@ class GatedFeedForward(torch.nn.Module):
     """Z-Image's SiLU-gated feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in one layer `w13`.
 
     `gate_kernel`: where w2 runs an fp8 matmul, the gate and w2's row scaling run as one hand-written
-    kernel (`worker.fp8_kernels`) instead of inductor's; elsewhere it changes nothing."""
+    kernel (`worker.fp8_kernels`) instead of inductor's; elsewhere it changes nothing. `gate_warps`: the
+    kernel's warps a row (0: its default). `inline`: call the kernel's triton_op, which inductor
+    launches from its own code, instead of its custom op."""
 
-    def __init__(self, w13: torch.nn.Module, w2: torch.nn.Module, gate_kernel: bool = False):
+    def __init__(self, w13: torch.nn.Module, w2: torch.nn.Module, gate_kernel: bool = False, gate_warps: int = 0,
+                 inline: bool = False):
         super().__init__()
         self.w13 = w13
         self.w2 = w2
         self.gate_kernel = gate_kernel and isinstance(w2, fp8.Fp8Linear) and w2.fp8_matmul
+        self.gate_warps = gate_warps or fp8_kernels.NUM_WARPS
+        self.gate_op = fp8_kernels.silu_gate_fp8_inline if inline else fp8_kernels.silu_gate_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_value = self.w13(x)
         if self.gate_kernel:
-            rows_fp8, row_scales = fp8_kernels.silu_gate_fp8(gate_value.reshape(-1, gate_value.shape[-1]))
+            rows_fp8, row_scales = self.gate_op(gate_value.reshape(-1, gate_value.shape[-1]), self.gate_warps)
             return self.w2.matmul_fp8(rows_fp8, row_scales).reshape(*x.shape[:-1], self.w2.out_features)
         gate, value = gate_value.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * value)
-
-
-def _apply_rotary_emb(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # In float32 complex numbers, as diffusers' processor does: bf16 rotations drift visibly.
-    with torch.amp.autocast("cuda", enabled=False):
-        x = torch.view_as_complex(x_in.float().reshape(*x_in.shape[:-1], -1, 2))
-        x_out = torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3)
-        return x_out.type_as(x_in)
-
-
-def _apply_rotary_emb_real(x_in: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """The same rotation in float32 real arithmetic, (a + bi)(c + di) written out: the same products
-    and sums (bit-identical on the CPU, tested), but inductor fuses it with the q/k norms and the casts.
-    Inductor has no code generation for complex numbers: `_apply_rotary_emb` compiles to separate eager
-    kernels that write q and k in float32 and read them back, in every block of every forward."""
-    with torch.amp.autocast("cuda", enabled=False):
-        x_re, x_im = x_in.float().unflatten(-1, (-1, 2)).unbind(-1)
-        cos, sin = torch.view_as_real(freqs_cis).unsqueeze(2).unbind(-1)
-        return torch.stack((x_re * cos - x_im * sin, x_re * sin + x_im * cos), dim=-1).flatten(3).type_as(x_in)
 
 
 class FusedQKVAttnProcessor:
@@ -88,25 +77,36 @@ class FusedQKVAttnProcessor:
     yet it did not shorten the DiT loop: kernel traces show SDPA already chose the same cuDNN kernel
     there. The direct call keeps that choice whatever SDPA's heuristics do (docs/performance.md).
 
-    `real_rope`: rotate q and k with `_apply_rotary_emb_real` (0.644 -> 0.616 s an image on an H100)."""
+    `real_rope`: rotate q and k with `_apply_rotary_emb_real` (0.644 -> 0.616 s an image on an H100).
+
+    `qk_kernel`: q and k's head norms and rotation in one hand-written kernel (`worker.qk_kernel`), for
+    an attention whose norms it supports (`qk_kernel_fits`); `inline`: through its triton_op."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, cudnn: bool = False, real_rope: bool = False):
+    def __init__(self, cudnn: bool = False, real_rope: bool = False, qk_kernel: bool = False, inline: bool = False):
         self.cudnn = cudnn
         self.rotate = _apply_rotary_emb_real if real_rope else _apply_rotary_emb
+        self.qk_kernel = qk_kernel
+        self.qk_op = qk_kernel_module.qk_norm_rope_inline if inline else qk_kernel_module.qk_norm_rope
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
-        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in attn.to_qkv(hidden_states).chunk(3, dim=-1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if freqs_cis is not None:
-            query = self.rotate(query, freqs_cis)
-            key = self.rotate(key, freqs_cis)
+        qkv = attn.to_qkv(hidden_states)
+        if self.qk_kernel and freqs_cis is not None and qkv.dim() == 3:
+            query, key = self.qk_op(qkv, attn.norm_q.weight, attn.norm_k.weight, torch.view_as_real(freqs_cis),
+                                    attn.heads, attn.norm_q.eps).unbind(0)
+            value = qkv.chunk(3, dim=-1)[2].unflatten(-1, (attn.heads, -1))
+        else:
+            query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in qkv.chunk(3, dim=-1))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if freqs_cis is not None:
+                query = self.rotate(query, freqs_cis)
+                key = self.rotate(key, freqs_cis)
         if self.cudnn and query.is_cuda and attention_mask is None:
             # (batch, heads, tokens, head_dim) views, as the op takes them; output back to tokens-first.
             hidden_states = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -127,22 +127,38 @@ class FusedQKVAttnProcessor:
         return output
 
 
+def qk_kernel_fits(attn) -> bool:
+    """Whether `worker.qk_kernel` computes this attention's q/k norms: diffusers RMS norms with weights
+    of one dtype, no bias, one epsilon."""
+    norms = (attn.norm_q, attn.norm_k)
+    return (all(type(norm).__name__ == "RMSNorm" and getattr(norm, "weight", None) is not None
+                and getattr(norm, "bias", None) is None for norm in norms)
+            and attn.norm_q.weight.dtype == attn.norm_k.weight.dtype and attn.norm_q.eps == attn.norm_k.eps)
+
+
 def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False, real_rope: bool = False,
-                     gate_kernel: bool = False) -> int:
+                     gate_kernel: bool = False, qk_kernel: bool = False, triton_ops: bool = False,
+                     gate_warps: int = 0) -> int:
     """Fuse q/k/v and w1/w3 in every block of a Z-Image DiT, in place (layers already on their device
     stay there: each block's fused weights are built beside its old ones, one block at a time).
     Returns how many blocks were fused. Call after fp8 conversion and before compiling.
     `cudnn_attention`: the fused processor calls cuDNN attention directly (see FusedQKVAttnProcessor).
     `real_rope`: it rotates q and k in real arithmetic, which compiles into one kernel (same numbers).
-    `gate_kernel`: the feed-forwards run their gate through `worker.fp8_kernels` (GatedFeedForward)."""
+    `gate_kernel`: the feed-forwards run their gate through `worker.fp8_kernels` (GatedFeedForward),
+    with `gate_warps` warps a row (0: the kernel's default).
+    `qk_kernel`: the attentions normalise and rotate q and k through `worker.qk_kernel`.
+    `triton_ops`: those kernels are called through their triton_ops, which inductor launches itself."""
     fused = 0
     for list_name in BLOCK_LISTS:
         for block in getattr(transformer, list_name, ()):
             attn = block.attention
             attn.to_qkv = concat_linears([attn.to_q, attn.to_k, attn.to_v])
             del attn.to_q, attn.to_k, attn.to_v
-            attn.set_processor(FusedQKVAttnProcessor(cudnn=cudnn_attention, real_rope=real_rope))
+            attn.set_processor(FusedQKVAttnProcessor(cudnn=cudnn_attention, real_rope=real_rope,
+                                                     qk_kernel=qk_kernel and qk_kernel_fits(attn),
+                                                     inline=triton_ops))
             ff = block.feed_forward
-            block.feed_forward = GatedFeedForward(concat_linears([ff.w1, ff.w3]), ff.w2, gate_kernel=gate_kernel)
+            block.feed_forward = GatedFeedForward(concat_linears([ff.w1, ff.w3]), ff.w2, gate_kernel=gate_kernel,
+                                                  gate_warps=gate_warps, inline=triton_ops)
             fused += 1
     return fused

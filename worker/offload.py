@@ -72,6 +72,9 @@ class Spec:
     compile_mode: str = ""          # how the DiT blocks are compiled (worker.compile_modes)
     pinned_exact: bool = False      # streamed weights pinned at their exact size (pin_at_exact_sizes)
     gate_kernel: bool = False       # feed-forward gate + fp8 row scaling in one Triton kernel (worker.fp8_kernels)
+    gate_warps: int = 0             # that kernel's warps a row; 0: its default (fp8_kernels.NUM_WARPS)
+    qk_kernel: bool = False         # q/k head norms + rotary embedding in one Triton kernel (worker.qk_kernel)
+    triton_ops: bool = False        # those kernels as triton_ops, launched by inductor's code, not custom ops
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -92,6 +95,14 @@ class Spec:
         if self.gate_kernel and not (self.fuse_projections and self.transformer.startswith("fp8mm")):
             raise ValueError("gate_kernel feeds a native fp8 w2 from the fused w1/w3: it needs transformer "
                              "fp8mm* and fuse_projections")
+        if self.qk_kernel and not self.fuse_projections:
+            raise ValueError("qk_kernel is the fused processor's: it needs fuse_projections")
+        if self.triton_ops and not (self.gate_kernel or self.qk_kernel):
+            raise ValueError("triton_ops concerns the hand-written kernels: it needs gate_kernel or qk_kernel")
+        if self.gate_warps and not self.gate_kernel:
+            raise ValueError("gate_warps is the gate kernel's: it needs gate_kernel")
+        if self.gate_warps not in (0, 1, 2, 4, 8, 16, 32):
+            raise ValueError(f"gate_warps must be 0 or a power of two up to 32, got {self.gate_warps}")
         if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
             raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
@@ -341,7 +352,8 @@ def _fuse(transformer, spec: Spec) -> None:
     from worker import fuse
 
     fuse.fuse_projections(transformer, cudnn_attention=spec.attention == "cudnn", real_rope=spec.real_rope,
-                          gate_kernel=spec.gate_kernel)
+                          gate_kernel=spec.gate_kernel, qk_kernel=spec.qk_kernel, triton_ops=spec.triton_ops,
+                          gate_warps=spec.gate_warps)
 
 
 def _skip_patterns(module) -> tuple[str, ...]:
