@@ -71,6 +71,7 @@ class Spec:
     real_rope: bool = False         # the fused processor rotates q/k in real arithmetic, which inductor fuses
     compile_mode: str = ""          # how the DiT blocks are compiled (worker.compile_modes)
     pinned_exact: bool = False      # streamed weights pinned at their exact size (pin_at_exact_sizes)
+    pinned_arena: bool = False      # streamed weights page-locked in place, one buffer (worker.pinned_arena)
     gate_kernel: bool = False       # feed-forward gate + fp8 row scaling in one Triton kernel (worker.fp8_kernels)
     gate_warps: int = 0             # that kernel's warps a row; 0: its default (fp8_kernels.NUM_WARPS)
     qk_kernel: bool = False         # q/k head norms + rotary embedding in one Triton kernel (worker.qk_kernel)
@@ -103,6 +104,11 @@ class Spec:
             raise ValueError("gate_warps is the gate kernel's: it needs gate_kernel")
         if self.gate_warps not in (0, 1, 2, 4, 8, 16, 32):
             raise ValueError(f"gate_warps must be 0 or a power of two up to 32, got {self.gate_warps}")
+        if self.pinned_arena and not any(part not in RESIDENT and not part.endswith("_lowmem")
+                                         for part in (self.transformer, self.text_encoder)):
+            raise ValueError("pinned_arena concerns weights streamed from pinned copies: this profile streams none")
+        if self.pinned_arena and self.pinned_exact:
+            raise ValueError("pinned_arena and pinned_exact both size the pinned weights: choose one")
         if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
             raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
@@ -202,6 +208,14 @@ SPECS: dict[str, Spec] = {
                                        transformer="fp8mm_stream", text_encoder="fp8_stream", blocks_per_group=2,
                                        record_stream=True, compile="fullgraph", fuse_projections=True,
                                        fp8_fast_accum=True, attention="cudnn", real_rope=True),
+    # Its weights page-locked where they lie, at their size (worker.pinned_arena), instead of in pinned
+    # copies that torch rounds up to powers of two: less host RAM for the same copies.
+    "fp8mm_fast_stream_pinned_compiled": Spec("fp8mm_fast_stream_compiled with the streamed weights pinned in "
+                                              "place at their size (less host RAM)",
+                                              transformer="fp8mm_stream", text_encoder="fp8_stream",
+                                              blocks_per_group=2, record_stream=True, compile="fullgraph",
+                                              fuse_projections=True, fp8_fast_accum=True, attention="cudnn",
+                                              real_rope=True, pinned_arena=True),
     "fp8mm_fast_stream_lowmem_compiled": Spec("fp8mm_fast_stream_compiled pinning on the fly (no pinned host "
                                               "copies): for hosts with less RAM", transformer="fp8mm_stream_lowmem",
                                               text_encoder="fp8_stream_lowmem", record_stream=True,
@@ -316,6 +330,13 @@ def _place(module, placement: str, device, compute_dtype, spec: Spec) -> None:
         return
     if spec.pinned_exact:
         pin_at_exact_sizes()
+    if spec.pinned_arena and not placement.endswith("_lowmem"):
+        from worker import pinned_arena
+
+        try:
+            pinned_arena.pin_in_place(module)
+        except pinned_arena.PinError as exc:
+            raise ProfileError(f"pinned_arena: {exc}") from exc
     if is_dit and spec.compile:
         # Before the offload hooks wrap each block's forward, so the hooks stay outside the graph.
         compile_blocks_under_hooks(module, fullgraph=spec.compile == "fullgraph",
