@@ -129,11 +129,12 @@ class FusedQKVAttnProcessor:
 
 def qk_kernel_fits(attn) -> bool:
     """Whether `worker.qk_kernel` computes this attention's q/k norms: diffusers RMS norms with weights
-    of one dtype, no bias, one epsilon."""
+    of one dtype, no bias, one epsilon, over heads of a power-of-two size."""
     norms = (attn.norm_q, attn.norm_k)
     return (all(type(norm).__name__ == "RMSNorm" and getattr(norm, "weight", None) is not None
                 and getattr(norm, "bias", None) is None for norm in norms)
-            and attn.norm_q.weight.dtype == attn.norm_k.weight.dtype and attn.norm_q.eps == attn.norm_k.eps)
+            and attn.norm_q.weight.dtype == attn.norm_k.weight.dtype and attn.norm_q.eps == attn.norm_k.eps
+            and not attn.norm_q.weight.numel() & (attn.norm_q.weight.numel() - 1))
 
 
 def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False, real_rope: bool = False,

@@ -49,36 +49,37 @@ def _kernel():
     def qk_norm_rope_kernel(qkv_ptr, q_weight_ptr, k_weight_ptr, rope_ptr, out_ptr, heads,
                             qkv_batch_stride, qkv_token_stride, rope_batch_stride, rope_token_stride,
                             out_part_stride, out_batch_stride, out_token_stride, eps,
-                            HEADS_BLOCK: tl.constexpr, HALF_DIM: tl.constexpr):
+                            HEADS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
         token = tl.program_id(0).to(tl.int64)
         batch = tl.program_id(1).to(tl.int64)
         part = tl.program_id(2)  # 0: q, 1: k
         head = tl.arange(0, HEADS_BLOCK)[:, None]
-        pair = tl.arange(0, HALF_DIM)[None, :]
+        col = tl.arange(0, HEAD_DIM)[None, :]
+        # The rotation pairs neighbours (2i, 2i + 1): each value meets its partner col ^ 1, loaded as a
+        # second, equally contiguous read of the same row (strided loads of the even and odd halves
+        # ran this kernel at a seventh of the card's bandwidth).
+        partner = col ^ 1
         mask = head < heads
-        head_dim = 2 * HALF_DIM
-        # Each rotation pairs neighbours (2i, 2i + 1): the even and odd halves load apart.
-        offsets = head * head_dim + 2 * pair
-        src = qkv_ptr + batch * qkv_batch_stride + token * qkv_token_stride + part * heads * head_dim + offsets
-        even = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(even * even + odd * odd, axis=1) / head_dim + eps)[:, None]
-        weight_even = tl.where(part == 0, tl.load(q_weight_ptr + 2 * pair), tl.load(k_weight_ptr + 2 * pair))
-        weight_odd = tl.where(part == 0, tl.load(q_weight_ptr + 2 * pair + 1), tl.load(k_weight_ptr + 2 * pair + 1))
+        row = qkv_ptr + batch * qkv_batch_stride + token * qkv_token_stride + part * heads * HEAD_DIM + head * HEAD_DIM
+        x = tl.load(row + col, mask=mask, other=0.0).to(tl.float32)
+        x_partner = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+        weight = tl.where(part == 0, tl.load(q_weight_ptr + col), tl.load(k_weight_ptr + col))
+        weight_partner = tl.where(part == 0, tl.load(q_weight_ptr + partner), tl.load(k_weight_ptr + partner))
         # Half-precision products as eager takes them: exact in float32, then rounded.
-        weight_dtype = weight_even.dtype
-        normed_even = (even * inv_rms).to(weight_dtype).to(tl.float32) * weight_even.to(tl.float32)
-        normed_odd = (odd * inv_rms).to(weight_dtype).to(tl.float32) * weight_odd.to(tl.float32)
-        normed_even = normed_even.to(weight_dtype).to(tl.float32)
-        normed_odd = normed_odd.to(weight_dtype).to(tl.float32)
-        rope_row = rope_ptr + batch * rope_batch_stride + token * rope_token_stride + 2 * pair
-        cos = tl.load(rope_row)
-        sin = tl.load(rope_row + 1)
-        out_even = normed_even * cos - normed_odd * sin
-        out_odd = normed_even * sin + normed_odd * cos
-        dst = out_ptr + part * out_part_stride + batch * out_batch_stride + token * out_token_stride + offsets
-        tl.store(dst, out_even.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst + 1, out_odd.to(out_ptr.dtype.element_ty), mask=mask)
+        weight_dtype = weight.dtype
+        normed = ((x * inv_rms).to(weight_dtype).to(tl.float32) * weight.to(tl.float32)).to(weight_dtype)
+        normed_partner = ((x_partner * inv_rms).to(weight_dtype).to(tl.float32)
+                          * weight_partner.to(tl.float32)).to(weight_dtype)
+        # rope holds (cos, sin) pairs: pair i at 2i, 2i + 1, the factors of columns 2i and 2i + 1.
+        rope_row = rope_ptr + batch * rope_batch_stride + token * rope_token_stride
+        cos = tl.load(rope_row + (col & ~1))
+        sin = tl.load(rope_row + (col | 1))
+        # even column: a cos - b sin; odd column: b cos + a sin, with (a, b) the pair
+        signed_sin = tl.where((col & 1) == 0, -sin, sin)
+        out = normed.to(tl.float32) * cos + normed_partner.to(tl.float32) * signed_sin
+        dst = out_ptr + part * out_part_stride + batch * out_batch_stride + token * out_token_stride + head * HEAD_DIM
+        tl.store(dst + col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     return qk_norm_rope_kernel
 
@@ -88,6 +89,8 @@ def _check(qkv: torch.Tensor, rope: torch.Tensor, heads: int) -> None:
         raise ValueError(f"qk_norm_rope takes qkv as (batch, tokens, 3 * heads * head_dim) with {heads} heads, "
                          f"got {tuple(qkv.shape)}")
     head_dim = qkv.shape[-1] // (3 * heads)
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"qk_norm_rope takes heads of a power-of-two size, got {head_dim}")
     if rope.shape != (*qkv.shape[:2], head_dim // 2, 2):
         raise ValueError(f"qk_norm_rope takes rope as (batch, tokens, {head_dim // 2}, 2), got {tuple(rope.shape)}")
 
@@ -105,7 +108,7 @@ def run_kernel(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
     kernel = _kernel() if launch is None else launch(_kernel())
     kernel[(tokens, batch, 2)](qkv, q_weight, k_weight, rope, out, heads, qkv.stride(0), qkv.stride(1),
                                rope.stride(0), rope.stride(1), out.stride(0), out.stride(1), out.stride(2), eps,
-                               HEADS_BLOCK=triton.next_power_of_2(heads), HALF_DIM=head_dim // 2,
+                               HEADS_BLOCK=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
                                num_warps=num_warps)
     return out
 
