@@ -5,6 +5,9 @@ q and k in one launch.
 Compiled by inductor, the same steps were two looped row reductions an attention (one for q, one for
 k), 40 ms of an image's 0.57 s of kernels on an H100 (bench/results/): each reads its 32 MB and writes
 32 MB at well under the card's bandwidth. Here one program holds one token's 30 heads of q (or of k).
+A first version that loaded the even and the odd values of each rotation pair apart took 0.53 ms a
+call on an H200 (0.594 -> 0.668 s an image); this one reads each row contiguously and has not yet run
+on a GPU (`python -m bench.kernels --only qk` times it).
 
 The arithmetic is diffusers' eager arithmetic: the norm in float32, rounded to the weight's dtype,
 times the weight, rounded again, then the rotation in float32 (`worker.rope`) and a last rounding
@@ -105,11 +108,12 @@ def run_kernel(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
     batch, tokens, width = qkv.shape
     head_dim = width // (3 * heads)
     out = torch.empty((2, batch, tokens, heads, head_dim), device=qkv.device, dtype=out_dtype or q_weight.dtype)
-    kernel = _kernel() if launch is None else launch(_kernel())
-    kernel[(tokens, batch, 2)](qkv, q_weight, k_weight, rope, out, heads, qkv.stride(0), qkv.stride(1),
-                               rope.stride(0), rope.stride(1), out.stride(0), out.stride(1), out.stride(2), eps,
-                               HEADS_BLOCK=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
-                               num_warps=num_warps)
+    if tokens and batch:  # Triton refuses an empty grid
+        kernel = _kernel() if launch is None else launch(_kernel())
+        kernel[(tokens, batch, 2)](qkv, q_weight, k_weight, rope, out, heads, qkv.stride(0), qkv.stride(1),
+                                   rope.stride(0), rope.stride(1), out.stride(0), out.stride(1), out.stride(2), eps,
+                                   HEADS_BLOCK=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
+                                   num_warps=num_warps)
     return out
 
 
