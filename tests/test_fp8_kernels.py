@@ -2,20 +2,14 @@
 itself in Triton's interpreter, how the fused feed-forward uses it, and the profile rules around it."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.triton_interpreter import run_interpreted
 from worker import fp8, fp8_kernels, fuse, offload
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def gate_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -113,11 +107,7 @@ def test_the_triton_kernel_in_triton_s_interpreter_scales_each_row_as_the_refere
                 "zero_row": scaled[-1].abs().max().item(), "zero_scale": scales[-1].item()}
         print(json.dumps(out))
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(script)
     for (rows, width), name in zip(((7, 80), (3, 128), (2, 10)), results):
         got = results[name]
         assert got["shape"] == [rows, width]

@@ -3,21 +3,15 @@ own norm and rotation, the Triton kernel in Triton's interpreter, the fused proc
 and the profile rules around it."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.normalization import RMSNorm
 
-from worker import fuse, offload, pipeline, qk_kernel, rope
 from tests.test_fuse import tiny_image
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_interpreted
+from worker import fuse, offload, pipeline, qk_kernel, rope
 
 
 def qk_inputs(batch=2, tokens=9, heads=3, head_dim=16, dtype=torch.bfloat16, seed=0):
@@ -87,11 +81,7 @@ def test_the_triton_kernel_in_triton_s_interpreter_normalises_and_rotates_each_h
                 "swapped_err": ((got - swapped).abs().max() / swapped.abs().max()).item()}
         print(json.dumps(out))
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_interpreted(script)
     assert results["3x16"]["shape"] == [2, 2, 5, 3, 16] and results["5x8"]["shape"] == [2, 1, 4, 5, 8]
     for name, got in results.items():
         assert got["max_err"] < 0.02, (name, got)  # two bf16 steps (1/128 each) of the largest value
