@@ -36,13 +36,14 @@ def _cuda_unregister(address: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(address)
 
 
-def _storages(module: torch.nn.Module) -> tuple[list[torch.Tensor], dict[int, torch.UntypedStorage]]:
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type == "cpu" and t.numel()]
-    storages: dict[int, torch.UntypedStorage] = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages.setdefault(storage.data_ptr(), storage)
-    return tensors, storages
+def _by_storage(module: torch.nn.Module) -> dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]]:
+    """The module's host parameters and buffers, grouped by the storage they view (by its address)."""
+    groups: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type == "cpu" and tensor.numel():
+            storage = tensor.untyped_storage()
+            groups.setdefault(storage.data_ptr(), (storage, []))[1].append(tensor)
+    return groups
 
 
 def pin_in_place(module: torch.nn.Module, register=_cuda_register, unregister=_cuda_unregister,
@@ -52,35 +53,34 @@ def pin_in_place(module: torch.nn.Module, register=_cuda_register, unregister=_c
     bytes (0 where the module has nothing on the host). The buffer is unregistered and freed when the
     last tensor viewing it goes.
 
-    Each storage is copied and its tensors re-pointed before the next is copied, so the host holds
-    the old and the new form of one storage at a time, not of the module. `register(address, size)` and
-    `unregister(address)` default to CUDA's; `check_pinned` asks torch whether it sees the result as
-    pinned (it must, or diffusers would pin a second copy)."""
-    tensors, storages = _storages(module)
-    if not storages:
+    Each storage is copied and its tensors re-pointed before the next is copied, and nothing here
+    keeps the old storage after that, so the host holds the old and the new form of one storage at a
+    time, not of the module. `register(address, size)` and `unregister(address)` default to CUDA's;
+    `check_pinned` asks torch whether it sees the result as pinned (it must, or diffusers would pin a
+    second copy)."""
+    groups = _by_storage(module)
+    if not groups:
         return 0
     offsets, size = {}, 0
-    for address, storage in storages.items():
+    for address, (storage, _) in groups.items():
         offsets[address] = size
         size += -(-storage.nbytes() // ALIGN_BYTES) * ALIGN_BYTES
     size = -(-size // PAGE_BYTES) * PAGE_BYTES
     buffer = mmap.mmap(-1, size)  # page-aligned, and its pages are only taken as they are written
     arena = torch.frombuffer(buffer, dtype=torch.uint8)
-    by_storage: dict[int, list[torch.Tensor]] = {}
-    for tensor in tensors:
-        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(tensor)
-    for address, storage in storages.items():
+    while groups:
+        address, (storage, tensors) = groups.popitem()
         start = offsets[address]
         arena[start:start + storage.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
-        for tensor in by_storage[address]:
-            element = tensor.element_size()
-            moved = torch.empty(0, dtype=tensor.dtype).set_(
-                arena.untyped_storage(), start // element + tensor.storage_offset(), tensor.shape, tensor.stride())
-            tensor.data = moved
-    del storages, by_storage
+        for tensor in tensors:
+            tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
+                arena.untyped_storage(), start // tensor.element_size() + tensor.storage_offset(), tensor.shape,
+                tensor.stride())
+        del storage
+    moved = tensors[0]
     register(arena.data_ptr(), size)
     weakref.finalize(buffer, unregister, arena.data_ptr())
-    if check_pinned and not tensors[0].is_pinned():
+    if check_pinned and not moved.is_pinned():
         raise PinError("the registered host buffer is not seen as pinned by torch "
                        f"{torch.__version__}; diffusers would pin a second copy of it")
     return size
