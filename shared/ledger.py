@@ -60,7 +60,7 @@ if c[1] and finished >= tonumber(c[1]) and redis.call('HEXISTS', KEYS[5], 'finis
 end
 """
 
-# KEYS: counts, states, running, failures, meta, active, finished-events, jobs
+# KEYS: counts, states, running, failures, meta, active, finished-events, jobs[, worker stats]
 # ARGV: index, outcome, reason, now, batch_id, tier
 _FINISH = _STORED_TIER + """
 local st = redis.call('HGET', KEYS[2], ARGV[1])
@@ -77,6 +77,7 @@ end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
 if ARGV[2] == 'failed' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[3]) end
+if KEYS[9] then redis.call('HINCRBY', KEYS[9], 'jobs_' .. ARGV[2], 1) end
 """ + _COMPLETE_IF_DONE + """
 return 1
 """
@@ -326,14 +327,18 @@ class Ledger:
         return result.decode() if isinstance(result, bytes) else result
 
     def finish(self, job_batch_id: str, index: int, outcome: str, reason: dict | None = None,
-               tier: str = "any") -> bool:
+               tier: str = "any", worker: str | None = None) -> bool:
         """Record a job's final outcome once. Returns False if it was already final.
 
-        `tier` counts only for a stored job without one: the stored job's tier is the truth."""
+        `tier` counts only for a stored job without one: the stored job's tier is the truth.
+        `worker`, when given, is the worker whose render this outcome is: its jobs_done or jobs_failed
+        goes up in the same atomic step. The client retries a call whose reply a Redis restart cut
+        off; counted apart, such a retry counted the job twice (or, for the transition, not at all)."""
         if outcome not in ("done", "failed"):
             raise LedgerError(f"bad outcome {outcome}")
         reason_json = json.dumps(reason or {}, separators=(",", ":"))
-        n = self._finish(keys=_batch_keys(job_batch_id) + [keys.batch_jobs(job_batch_id)],
+        stats_key = [keys.worker_stats(worker)] if worker else []
+        n = self._finish(keys=_batch_keys(job_batch_id) + [keys.batch_jobs(job_batch_id)] + stats_key,
                          args=[index, outcome, reason_json, time.time(), job_batch_id, tier])
         if n == -1:
             raise LedgerError(f"no job {index} in batch {job_batch_id}")

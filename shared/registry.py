@@ -47,18 +47,18 @@ def deregister(client: redis.Redis, name: str) -> None:
         pipe.execute()
 
 
-def record_job(client: redis.Redis, name: str, outcome: str, render_s: float | None,
-               pixel_steps_ratio: float = 1.0) -> None:
-    """Count a finished job and fold its time, normalised to a 1024x1024 8-step image, into the average."""
+def record_render_time(client: redis.Redis, name: str, render_s: float, pixel_steps_ratio: float = 1.0) -> None:
+    """Fold a done job's render time, normalised to a 1024x1024 8-step image, into s_per_image.
+
+    The job counts (jobs_done, jobs_failed) go up with the ledger's transition (Ledger.finish), so
+    that a retried call cannot count a job twice."""
+    if pixel_steps_ratio <= 0:
+        return
     stats_key = keys.worker_stats(name)
-    with client.pipeline(transaction=False) as pipe:
-        pipe.hincrby(stats_key, "jobs_done" if outcome == "done" else "jobs_failed", 1)
-        pipe.hget(stats_key, "s_per_image")
-        _, previous = pipe.execute()
-    if outcome == "done" and render_s is not None and pixel_steps_ratio > 0:
-        sample = render_s / pixel_steps_ratio
-        average = sample if previous is None else (1 - EMA_WEIGHT) * float(previous) + EMA_WEIGHT * sample
-        client.hset(stats_key, "s_per_image", f"{average:.4f}")
+    previous = client.hget(stats_key, "s_per_image")
+    sample = render_s / pixel_steps_ratio
+    average = sample if previous is None else (1 - EMA_WEIGHT) * float(previous) + EMA_WEIGHT * sample
+    client.hset(stats_key, "s_per_image", f"{average:.4f}")
 
 
 def _decode(raw: dict) -> dict:

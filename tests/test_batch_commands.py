@@ -21,7 +21,7 @@ from producer import cli as cli_module
 from producer.api import Farm
 from producer.cli import main, profiles_report
 from producer.progress import Progress, format_duration
-from shared import profiles, registry
+from shared import keys, profiles, registry
 from shared.ledger import Ledger
 from shared.schema import Job
 from shared.settings import Settings
@@ -223,7 +223,8 @@ def test_workers_lists_live_workers_with_their_stats(cli, redis_client):
     registry.register(redis_client, {"name": "zimage-24g@gpu1", "host": "gpu1", "gpu": "RTX 4090",
                                      "vram_gb": 23.6, "vram_class": 24, "profile": "resident",
                                      "max_pixels": 4194304}, ttl_s=60)
-    registry.record_job(redis_client, "zimage-24g@gpu1", "done", 3.0)
+    redis_client.hincrby(keys.worker_stats("zimage-24g@gpu1"), "jobs_done", 1)  # as Ledger.finish counts
+    registry.record_render_time(redis_client, "zimage-24g@gpu1", 3.0)
     workers = json.loads(cli("workers", "--json")[1])
     assert len(workers) == 1
     w = workers[0]

@@ -4,10 +4,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from farm import wait_for
+from producer.api import Farm
 from producer.cli import main
 from shared import registry
+from shared.ledger import Ledger
+from shared.settings import Settings
 
 
 def entry(name="zimage-12g@box", **extra):
@@ -29,14 +35,63 @@ def test_deregistering_removes_the_worker_at_once(redis_client):
     assert registry.live_workers(redis_client) == []
 
 
-def test_job_counts_and_the_moving_average_speed_are_kept_per_worker(redis_client):
+def test_the_moving_average_speed_is_kept_per_worker_normalised_to_a_1024px_8_step_image(redis_client):
     registry.register(redis_client, entry(), ttl_s=60)
-    registry.record_job(redis_client, "zimage-12g@box", "done", 2.0)
-    registry.record_job(redis_client, "zimage-12g@box", "done", 8.0, pixel_steps_ratio=2.0)
-    registry.record_job(redis_client, "zimage-12g@box", "failed", None)
+    registry.record_render_time(redis_client, "zimage-12g@box", 2.0)
+    registry.record_render_time(redis_client, "zimage-12g@box", 8.0, pixel_steps_ratio=2.0)
     [worker] = registry.live_workers(redis_client)
-    assert (worker["jobs_done"], worker["jobs_failed"]) == (2, 1)
     assert worker["s_per_image"] == pytest.approx(0.8 * 2.0 + 0.2 * 4.0)
+
+
+def test_a_workers_job_counts_go_up_with_the_ledger_transition_and_only_once_per_job(redis_client, redis_server):
+    registry.register(redis_client, entry(), ttl_s=60)
+    batch = Farm(Settings.from_env(redis_url=redis_server), table={"runs": []}).submit(["a", "b", "c"])
+    ledger, name = Ledger(redis_client), "zimage-12g@box"
+    boom = {"kind": "render-error", "message": "boom"}
+    assert ledger.finish(batch.id, 0, "done", worker=name) is True
+    assert ledger.finish(batch.id, 0, "done", worker=name) is False
+    assert ledger.finish(batch.id, 1, "failed", boom, worker=name) is True
+    assert ledger.finish(batch.id, 1, "failed", boom, worker=name) is False
+    assert ledger.finish(batch.id, 2, "done") is True  # no worker named (a sweep, say): nobody's count
+    [worker] = registry.live_workers(redis_client)
+    assert (worker["jobs_done"], worker["jobs_failed"]) == (1, 1)
+
+
+class LosesOneReply(redis.Connection):
+    """Reads the server's reply to the next EVALSHA and then drops the connection, as a Redis killed
+    between running a command and sending its reply does."""
+    armed = False
+
+    def send_packed_command(self, command, *args, **kwargs):
+        packed = b"".join(command) if isinstance(command, list) else command
+        self.cut_next = LosesOneReply.armed and b"EVALSHA" in packed.upper()
+        return super().send_packed_command(command, *args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        response = super().read_response(*args, **kwargs)
+        if getattr(self, "cut_next", False):
+            LosesOneReply.armed = self.cut_next = False
+            self.disconnect()
+            raise redis.ConnectionError("the reply was lost")
+        return response
+
+
+def test_a_finish_retried_after_its_reply_was_lost_counts_the_job_once(redis_client, redis_server):
+    registry.register(redis_client, entry(), ttl_s=60)
+    batch = Farm(Settings.from_env(redis_url=redis_server), table={"runs": []}).submit(["a"])
+    # The retry policy of shared.redis_conn.connect, on a connection that loses one reply.
+    retrying = redis.Redis.from_url(redis_server, connection_class=LosesOneReply,
+                                    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
+                                    retry_on_error=[redis.ConnectionError])
+    ledger = Ledger(retrying)
+    ledger.state(batch.id, 0)  # loads nothing, but connects before the reply is armed
+    LosesOneReply.armed = True
+    ledger.finish(batch.id, 0, "done", worker="zimage-12g@box")
+    assert LosesOneReply.armed is False  # the reply was lost and the call retried
+    [worker] = registry.live_workers(redis_client)
+    assert worker["jobs_done"] == 1
+    assert Ledger(redis_client).status(batch.id)["done"] == 1
+    retrying.close()
 
 
 def test_zfarm_workers_lists_every_field_users_rely_on(redis_client, redis_server, monkeypatch, capsys):

@@ -170,17 +170,16 @@ def _run_job(task_id: str, args, kwargs) -> dict:
             raise _Failure("upload", str(exc)) from None
     except _Failure as failure:
         reason = {"kind": failure.kind, "message": failure.message[:2000], "worker": boot.STATE.name}
-        if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier):
-            registry.record_job(_redis(), boot.STATE.name, "failed", None)
+        if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier, worker=boot.STATE.name):
             metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
         raise JobFailed(f"job {job.id}: {failure.kind}: {failure.message}"[:2000]) from None
-    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier):
+    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier, worker=boot.STATE.name):
         # Another delivery of this job finished it first; the job counts once, and so does its render.
         log.warning("job %s was already final; this render (stored at the same key) is not counted again", job.id)
         return {"job_id": job.id, "skipped": "finished-elsewhere"}
     _note_render_facts(b, record)
-    registry.record_job(_redis(), boot.STATE.name, "done", result.render_s,
-                        work_units(job.spec.pixels, job.spec.steps))
+    registry.record_render_time(_redis(), boot.STATE.name, result.render_s,
+                                work_units(job.spec.pixels, job.spec.steps))
     metrics.observe_render(b.vram_class, record["profile"], result.render_s)
     return {"job_id": job.id, "render_s": round(result.render_s, 3)}
 
