@@ -148,7 +148,7 @@ def qk_rows(tokens: int) -> list[dict]:
     inline = torch.compile(qk_kernel.qk_norm_rope_inline, fullgraph=True)
     variants = {"qk eager": lambda: qk_kernel.reference(*args), "qk compiled": lambda: compiled(*args),
                 "qk kernel inline compiled": lambda: inline(*args)}
-    for warps in (2, 4, 8):
+    for warps in (4, 8, 16):
         variants[f"qk kernel {warps} warps"] = lambda w=warps: qk_kernel.run_kernel(*args, num_warps=w)
     rows = []
     for tag, fn in variants.items():

@@ -6,8 +6,10 @@ Compiled by inductor, the same steps were two looped row reductions an attention
 k), 40 ms of an image's 0.57 s of kernels on an H100 (bench/results/): each reads its 32 MB and writes
 32 MB at well under the card's bandwidth. Here one program holds one token's 30 heads of q (or of k).
 A first version that loaded the even and the odd values of each rotation pair apart took 0.53 ms a
-call on an H200 (0.594 -> 0.668 s an image); this one reads each row contiguously and has not yet run
-on a GPU (`python -m bench.kernels --only qk` times it).
+call on an H200 (0.594 -> 0.668 s an image). This one reads and writes whole rows and pairs the values
+in registers; compiled for sm_90 (no GPU needed, tests/test_qk_kernel.py) every global load and store
+of it is 16 bytes wide, where the first version's were 2-byte loads. It has not yet run on a GPU
+(`python -m bench.kernels --only qk` times it).
 
 The arithmetic is diffusers' eager arithmetic: the norm in float32, rounded to the weight's dtype,
 times the weight, rounded again, then the rotation in float32 (`worker.rope`) and a last rounding
@@ -25,7 +27,9 @@ import torch
 
 from worker.rope import rotate_real
 
-NUM_WARPS = 4
+# 8 warps: 16 values a thread, and the compiled code pairs them with no trip through shared memory
+# (at 4 warps it takes one, with barriers: sm_90 code compiled here, 296 against 560 instructions).
+NUM_WARPS = 8
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,32 +61,27 @@ def _kernel():
         batch = tl.program_id(1).to(tl.int64)
         part = tl.program_id(2)  # 0: q, 1: k
         head = tl.arange(0, HEADS_BLOCK)[:, None]
-        col = tl.arange(0, HEAD_DIM)[None, :]
-        # The rotation pairs neighbours (2i, 2i + 1): each value meets its partner col ^ 1, loaded as a
-        # second, equally contiguous read of the same row (strided loads of the even and odd halves
-        # ran this kernel at a seventh of the card's bandwidth).
-        partner = col ^ 1
+        col = tl.arange(0, HEAD_DIM)
         mask = head < heads
+        # Every read and the write are whole contiguous rows; the rotation pairs neighbours (2i, 2i + 1),
+        # which a reshape to (..., HEAD_DIM / 2, 2) and a split hand to the same thread. (Loading the even
+        # and the odd values apart, strided, ran a first version at a seventh of the card's bandwidth.)
         row = qkv_ptr + batch * qkv_batch_stride + token * qkv_token_stride + part * heads * HEAD_DIM + head * HEAD_DIM
-        x = tl.load(row + col, mask=mask, other=0.0).to(tl.float32)
-        x_partner = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(row + col[None, :], mask=mask, other=0.0).to(tl.float32)
         inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
-        weight = tl.where(part == 0, tl.load(q_weight_ptr + col), tl.load(k_weight_ptr + col))
-        weight_partner = tl.where(part == 0, tl.load(q_weight_ptr + partner), tl.load(k_weight_ptr + partner))
+        weight = tl.where(part == 0, tl.load(q_weight_ptr + col), tl.load(k_weight_ptr + col))[None, :]
         # Half-precision products as eager takes them: exact in float32, then rounded.
         weight_dtype = weight.dtype
         normed = ((x * inv_rms).to(weight_dtype).to(tl.float32) * weight.to(tl.float32)).to(weight_dtype)
-        normed_partner = ((x_partner * inv_rms).to(weight_dtype).to(tl.float32)
-                          * weight_partner.to(tl.float32)).to(weight_dtype)
-        # rope holds (cos, sin) pairs: pair i at 2i, 2i + 1, the factors of columns 2i and 2i + 1.
+        a, b = tl.split(tl.reshape(normed.to(tl.float32), (HEADS_BLOCK, HEAD_DIM // 2, 2)))
+        # rope holds each pair's (cos, sin), interleaved as the pairs are.
         rope_row = rope_ptr + batch * rope_batch_stride + token * rope_token_stride
-        cos = tl.load(rope_row + (col & ~1))
-        sin = tl.load(rope_row + (col | 1))
-        # even column: a cos - b sin; odd column: b cos + a sin, with (a, b) the pair
-        signed_sin = tl.where((col & 1) == 0, -sin, sin)
-        out = normed.to(tl.float32) * cos + normed_partner.to(tl.float32) * signed_sin
+        cos, sin = tl.split(tl.reshape(tl.load(rope_row + col), (HEAD_DIM // 2, 2)))
+        cos, sin = cos[None, :], sin[None, :]
+        # (a + bi)(cos + i sin), the products and sums of diffusers' complex rotation
+        out = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), (HEADS_BLOCK, HEAD_DIM))
         dst = out_ptr + part * out_part_stride + batch * out_batch_stride + token * out_token_stride + head * HEAD_DIM
-        tl.store(dst + col, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + col[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
     return qk_norm_rope_kernel
 
