@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench import kernel_code
 from tests.triton_interpreter import run_interpreted
 from worker import fp8, fp8_kernels, fuse, offload
 
@@ -115,6 +116,14 @@ def test_the_triton_kernel_in_triton_s_interpreter_scales_each_row_as_the_refere
         assert got["zero_row"] == 0.0 and got["zero_scale"] == pytest.approx(fp8.MIN_SCALE)
         # each non-zero row's largest value lands on fp8's largest
         assert got["row_max"] == pytest.approx(fp8.FP8_MAX, rel=1e-6)
+
+
+@pytest.mark.parametrize("num_warps", [fp8_kernels.NUM_WARPS, 32])
+def test_the_gate_kernel_compiles_for_an_h100_reading_its_rows_in_16_byte_loads(num_warps):
+    # The DiT's rows (10240 gates and values) at the default warps and at the most gate_warps may ask for.
+    loads = {kind for kind in kernel_code.global_accesses(kernel_code.compile_for_h100("gate", num_warps)["ptx"])
+             if kind.startswith("ld.")}
+    assert loads == {"ld.global.v4.b32"}, loads
 
 
 def test_a_feed_forward_compiled_in_the_persistent_mode_runs_the_gate_op_inside_its_one_graph():
