@@ -459,6 +459,33 @@ def test_a_message_popped_just_as_redis_dies_goes_back_to_the_head_of_its_queue_
 
 
 
+def test_a_queue_added_while_brpop_blocks_on_the_holding_queue_is_polled_at_once_when_woken(redis_server):
+    """What a worker does once loaded: add its job queues, then wake the BRPOP on its holding queue."""
+    from kombu import Connection, Consumer, Queue
+
+    client = redis.Redis.from_url(redis_server)
+    client.lpush("zfarm.test.jobs", wire.render_message({"batch_id": "b-wake", "index": 0}, "wake-0",
+                                                        "zfarm.test.jobs", 60.0))
+    received: list[dict] = []
+    with Connection(redis_server, transport="worker.transport:Transport") as connection:
+        consumer = Consumer(connection, [Queue("zfarm.test.hold")], accept=["json"], prefetch_count=1,
+                            callbacks=[lambda body, message: (received.append(body[1]["job"]), message.ack())])
+        # Without the wake, the BRPOP would block this long on the holding queue alone (1 s by default).
+        consumer.channel.brpop_timeout = 60
+        consumer.consume()
+        drained = threading.Thread(target=lambda: connection.drain_events(timeout=30), daemon=True)
+        drained.start()
+        wait_for(lambda: client.info("clients")["blocked_clients"] == 1, 10, what="the BRPOP to block")
+        channel = consumer.channel
+        consumer.add_queue(Queue("zfarm.test.jobs"))
+        consumer.consume()
+        assert channel.wake() is True
+        drained.join(20)
+        assert received == [{"batch_id": "b-wake", "index": 0}]
+        assert channel.wake() is False  # nothing blocked now
+    client.close()
+
+
 def test_a_job_whose_message_vanished_before_any_record_is_found_by_the_sweep_and_rendered(rig):
     farm_rig = rig()
     batch = farm_rig.farm().submit(specs(5, size_px=512))

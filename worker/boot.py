@@ -38,6 +38,8 @@ from worker import detect, model_source
 log = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits EX_CONFIG: the worker cannot start as configured
+# How often the parent looks whether the rendering process has loaded the model.
+READY_POLL_S = 0.05
 
 
 @dataclass
@@ -234,7 +236,8 @@ class RegistryStep(bootsteps.StartStopStep):
             c.timer.call_repeatedly(settings.heartbeat_s, self._webhooks, (settings,), priority=1),
         ]
         if not STATE.ready:
-            self.timers.append(c.timer.call_repeatedly(0.25, self._await_ready, (c,), priority=10))
+            # Reads a shared-memory flag: cheap, and the first job waits on it.
+            self.timers.append(c.timer.call_repeatedly(READY_POLL_S, self._await_ready, (c,), priority=10))
 
     def _await_ready(self, c):
         if STATE.ready:
@@ -252,7 +255,11 @@ class RegistryStep(bootsteps.StartStopStep):
     def _consume(self, c):
         for queue in STATE.queues:
             c.add_task_queue(queue)
-        log.info("zfarm worker %s consumes %d queues", STATE.name, len(STATE.queues))
+        # The BRPOP in flight waits on the holding queue alone until its timeout; end it so the job
+        # queues are polled now.
+        woken = getattr(c.task_consumer.channel, "wake", lambda: False)()
+        log.info("zfarm worker %s consumes %d queues%s", STATE.name, len(STATE.queues),
+                 " (woke the BRPOP in flight)" if woken else "")
 
     def _heartbeat(self, settings):
         if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s):

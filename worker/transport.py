@@ -13,6 +13,10 @@ visibility timeout), a body of exactly `[[], {"job": ...}, {}]`. An item that fa
 its body names a job of a batch on record, that job is failed with the reason; otherwise the item
 is recorded in the ledger's rejected list. Either way the worker goes on. The job inside a valid
 envelope is validated again by the task (`Job.from_wire`).
+
+`Channel.wake()` ends a BRPOP in flight at once (CLIENT UNBLOCK, Redis >= 5), so queues added while
+it blocks are polled now rather than when it times out: a worker that finishes loading takes its
+first job without waiting out a BRPOP on its holding queue alone (up to 1 s).
 """
 from __future__ import annotations
 
@@ -222,10 +226,36 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _popped: tuple[bytes, bytes] | None = None
+    # (socket, the server's id for it) of the connection BRPOP blocks on; a reconnect makes a new socket.
+    _blocking_client: tuple[object, int] | None = None
 
     def _brpop_start(self, timeout=None):
         self._push_back_unrecorded()
+        self._learn_blocking_client_id()
         return super()._brpop_start(timeout)
+
+    def _learn_blocking_client_id(self) -> None:
+        """Ask the server, once per connection, which client id the BRPOP connection has."""
+        connection = self.client.connection
+        sock = getattr(connection, "_sock", None)
+        if sock is None or (self._blocking_client is not None and self._blocking_client[0] is sock):
+            return
+        try:
+            connection.send_command("CLIENT", "ID")
+            self._blocking_client = (sock, int(connection.read_response()))
+        except self.connection_errors:
+            raise  # the BRPOP that follows would fail the same way; kombu reconnects
+        except Exception as exc:  # a server without CLIENT ID (Redis < 5): no wake-ups, BRPOPs time out
+            self._blocking_client = None
+            log.info("no CLIENT ID from the broker (%s): added queues are polled after the BRPOP timeout", exc)
+
+    def wake(self) -> bool:
+        """End the BRPOP in flight now, as if it had timed out; kombu then BRPOPs again, on the queues
+        consumed by then. False when none was blocked (the next BRPOP has the queues anyway)."""
+        if not self._in_poll or self._blocking_client is None:
+            return False
+        with self.conn_or_acquire() as client:
+            return bool(client.client_unblock(self._blocking_client[1]))
 
     def _push_back_unrecorded(self) -> None:
         if _popped_unrecorded:
