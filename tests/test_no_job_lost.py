@@ -486,6 +486,33 @@ def test_a_queue_added_while_brpop_blocks_on_the_holding_queue_is_polled_at_once
     client.close()
 
 
+def test_a_broker_that_refuses_client_commands_leaves_added_queues_to_the_next_brpop(redis_server):
+    """An ACL without CLIENT: no wake-up, and the job is still taken once the BRPOP times out."""
+    from kombu import Connection, Consumer, Queue
+
+    client = redis.Redis.from_url(redis_server)
+    client.acl_setuser("no-client", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                       commands=["+@all", "-client"])
+    client.lpush("zfarm.test.jobs", wire.render_message({"batch_id": "b-acl", "index": 0}, "acl-0",
+                                                        "zfarm.test.jobs", 60.0))
+    received: list[dict] = []
+    limited_url = redis_server.replace("redis://", "redis://no-client:pw@")
+    with Connection(limited_url, transport="worker.transport:Transport") as connection:
+        consumer = Consumer(connection, [Queue("zfarm.test.hold")], accept=["json"], prefetch_count=1,
+                            callbacks=[lambda body, message: (received.append(body[1]["job"]), message.ack())])
+        consumer.consume()
+        drained = threading.Thread(target=lambda: connection.drain_events(timeout=30), daemon=True)
+        drained.start()
+        wait_for(lambda: client.info("clients")["blocked_clients"] == 1, 10, what="the BRPOP to block")
+        consumer.add_queue(Queue("zfarm.test.jobs"))
+        consumer.consume()
+        assert consumer.channel.wake() is False
+        drained.join(20)
+        assert received == [{"batch_id": "b-acl", "index": 0}]
+    client.acl_deluser("no-client")
+    client.close()
+
+
 def test_a_job_whose_message_vanished_before_any_record_is_found_by_the_sweep_and_rendered(rig):
     farm_rig = rig()
     batch = farm_rig.farm().submit(specs(5, size_px=512))

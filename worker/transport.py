@@ -254,8 +254,13 @@ class Channel(kombu_redis.Channel):
         consumed by then. False when none was blocked (the next BRPOP has the queues anyway)."""
         if not self._in_poll or self._blocking_client is None:
             return False
-        with self.conn_or_acquire() as client:
-            return bool(client.client_unblock(self._blocking_client[1]))
+        try:
+            with self.conn_or_acquire() as client:
+                return bool(client.client_unblock(self._blocking_client[1]))
+        except Exception as exc:  # refused (an ACL without CLIENT, say) or Redis away: the BRPOP times out
+            log.warning("could not wake the BRPOP in flight (%s: %s); added queues are polled after its timeout",
+                        type(exc).__name__, exc)
+            return False
 
     def _push_back_unrecorded(self) -> None:
         if _popped_unrecorded:
