@@ -11,6 +11,8 @@ worker's own loading and profile code (`worker.pipeline`, `worker.offload`):
   max_pixels: the largest square side (1280..2048) that renders in 1 step with peak reserved VRAM at
   least HEADROOM_GIB under the cap (compiled blocks run eagerly for these probes, so that each size
   does not recompile; eager needs at least the memory of the compiled code).
+A run that fails records `error` (one line: the stage and the message) and `traceback_tail` (the last
+4000 characters of the traceback, chained causes included).
 
 With --fidelity-dir each run also keeps two seeds' decoded images, and the matrix ends by comparing
 every run with the bf16 resident eager run (`resident@none`) on the same seeds: relative L2, PSNR,
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -252,6 +255,9 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         else:
             record["ok"] = False
             record["error"] = f"{'out of memory' if oom else type(exc).__name__} during {stage}: {message}"
+            # The one-line error hides where it came from (an inductor failure names neither the kernel
+            # nor the pass); the traceback's tail, chained causes included, says more.
+            record["traceback_tail"] = traceback.format_exc()[-4000:]
     if cuda:
         record["peak_reserved_any_gib"] = _gib(torch.cuda.max_memory_reserved())
         record["pinned_peak_gib"] = _pinned_peak_gib(torch)

@@ -47,6 +47,14 @@ def test_a_benchmark_run_records_its_anonymous_and_file_peaks_beside_the_peak_rs
     assert f"anon={record['host_anon_peak_gib']}" in profiles._summary(record)
 
 
+def test_a_failed_benchmark_run_keeps_the_tail_of_its_traceback_beside_the_one_line_error(tiny_dir):
+    record = profiles.measure(str(tiny_dir), "cpu", None, {"gate_warps": 3}, n=1, size=64, steps=1, probe_sides=(),
+                              device="cpu")
+    assert record["ok"] is False and record["error"].startswith("ValueError during load: gate_warps")
+    assert "Traceback (most recent call last)" in record["traceback_tail"]
+    assert "gate_warps" in record["traceback_tail"].splitlines()[-1]
+
+
 def mapped_files() -> list[tuple[int, int, str]]:
     regions = []
     with open("/proc/self/maps") as handle:
