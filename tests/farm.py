@@ -40,8 +40,8 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.05, what: str = 
 def workers_blocked_on_job_queues(client: redis.Redis) -> int:
     """Connections blocked in a BRPOP naming many keys: workers idle on their job queues.
 
-    A worker that just became ready still waits, for up to a second, in a BRPOP naming only its
-    holding queue (one key, a few bytes of arguments); job queues are at least a dozen keys."""
+    A loading worker blocks in a BRPOP naming only its holding queue (one key, a few bytes of
+    arguments), which it ends when ready; job queues are at least a dozen keys."""
     return sum(1 for c in client.client_list()
                if c.get("cmd") == "brpop" and "b" in c.get("flags", "") and int(c.get("argv-mem", 0)) > 100)
 
