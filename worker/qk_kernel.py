@@ -28,7 +28,7 @@ import torch
 from worker.rope import rotate_real
 
 # 8 warps: 16 values a thread, and the compiled code pairs them with no trip through shared memory
-# (at 4 warps it takes one, with barriers: sm_90 code compiled here, 296 against 560 instructions).
+# (at 4 warps it takes one, with barriers: sm_90 code from Triton 3.6.0, 288 against 496 instructions).
 NUM_WARPS = 8
 
 
