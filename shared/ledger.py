@@ -146,16 +146,23 @@ class Ledger:
         by_queue: dict[str, list[str]] = {}
         for queue, message in queued:
             by_queue.setdefault(queue, []).append(message)
+        executed = False
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
+                    # The batch's key is watched: when Redis restarts after running the EXEC but
+                    # before replying, the client's retry ends in a WatchError here, and the batch found
+                    # stored is this one, not queued a second time.
+                    pipe.watch(keys.batch_meta(batch_id), *([idem_key] if idem_key else []))
+                    if executed and pipe.exists(keys.batch_meta(batch_id)):
+                        pipe.reset()
+                        return batch_id, True
                     if idem_key:
-                        pipe.watch(idem_key)
                         earlier = pipe.get(idem_key)
                         if earlier:
                             pipe.reset()
                             return earlier.decode(), False
-                        pipe.multi()
+                    pipe.multi()
                     pipe.hset(keys.batch_meta(batch_id), mapping={k: _text(v) for k, v in meta.items()})
                     pipe.hset(keys.batch_counts(batch_id), mapping=counts)
                     chunk = 2000
@@ -169,6 +176,7 @@ class Ledger:
                             pipe.lpush(queue, *messages[start:start + chunk])
                     if idem_key:
                         pipe.set(idem_key, batch_id)
+                    executed = True
                     pipe.execute()
                     return batch_id, True
                 except redis.WatchError:

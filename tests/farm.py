@@ -46,6 +46,36 @@ def workers_blocked_on_job_queues(client: redis.Redis) -> int:
                if c.get("cmd") == "brpop" and "b" in c.get("flags", "") and int(c.get("argv-mem", 0)) > 100)
 
 
+class LosesOneReply(redis.Connection):
+    """A connection that, once armed with a command name, reads the server's reply to that command and
+    then drops the connection, as a Redis killed between running a command and sending its reply does.
+    For a MULTI/EXEC the reply cut is EXEC's (the acknowledgements before it go through)."""
+    armed: bytes = b""
+
+    def send_packed_command(self, command, *args, **kwargs):
+        packed = b"".join(command) if isinstance(command, list) else command
+        self.cut_pending = bool(LosesOneReply.armed) and LosesOneReply.armed in packed.upper()
+        return super().send_packed_command(command, *args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        response = super().read_response(*args, **kwargs)
+        if getattr(self, "cut_pending", False) and response not in (b"OK", b"QUEUED"):
+            LosesOneReply.armed, self.cut_pending = b"", False
+            self.disconnect()
+            raise redis.ConnectionError("the reply was lost")
+        return response
+
+
+def client_that_loses_one_reply(url: str) -> redis.Redis:
+    """A client with shared.redis_conn.connect's kind of retry, on LosesOneReply connections."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, connection_class=LosesOneReply,
+                                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
+                                retry_on_error=[redis.ConnectionError])
+
+
 class RedisServer:
     """A private redis-server on a free port; AOF persistence on request (restart tests)."""
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from farm import wait_for
+from farm import LosesOneReply, client_that_loses_one_reply, wait_for
 from producer.api import Farm
 from producer.cli import main
 from shared import registry
@@ -57,37 +54,14 @@ def test_a_workers_job_counts_go_up_with_the_ledger_transition_and_only_once_per
     assert (worker["jobs_done"], worker["jobs_failed"]) == (1, 1)
 
 
-class LosesOneReply(redis.Connection):
-    """Reads the server's reply to the next EVALSHA and then drops the connection, as a Redis killed
-    between running a command and sending its reply does."""
-    armed = False
-
-    def send_packed_command(self, command, *args, **kwargs):
-        packed = b"".join(command) if isinstance(command, list) else command
-        self.cut_next = LosesOneReply.armed and b"EVALSHA" in packed.upper()
-        return super().send_packed_command(command, *args, **kwargs)
-
-    def read_response(self, *args, **kwargs):
-        response = super().read_response(*args, **kwargs)
-        if getattr(self, "cut_next", False):
-            LosesOneReply.armed = self.cut_next = False
-            self.disconnect()
-            raise redis.ConnectionError("the reply was lost")
-        return response
-
-
 def test_a_finish_retried_after_its_reply_was_lost_counts_the_job_once(redis_client, redis_server):
     registry.register(redis_client, entry(), ttl_s=60)
     batch = Farm(Settings.from_env(redis_url=redis_server), table={"runs": []}).submit(["a"])
-    # The retry policy of shared.redis_conn.connect, on a connection that loses one reply.
-    retrying = redis.Redis.from_url(redis_server, connection_class=LosesOneReply,
-                                    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 3),
-                                    retry_on_error=[redis.ConnectionError])
+    retrying = client_that_loses_one_reply(redis_server)
     ledger = Ledger(retrying)
-    ledger.state(batch.id, 0)  # loads nothing, but connects before the reply is armed
-    LosesOneReply.armed = True
+    LosesOneReply.armed = b"EVALSHA"
     ledger.finish(batch.id, 0, "done", worker="zimage-12g@box")
-    assert LosesOneReply.armed is False  # the reply was lost and the call retried
+    assert LosesOneReply.armed == b""  # the reply was lost and the call retried
     [worker] = registry.live_workers(redis_client)
     assert worker["jobs_done"] == 1
     assert Ledger(redis_client).status(batch.id)["done"] == 1

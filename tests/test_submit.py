@@ -10,9 +10,10 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from farm import LosesOneReply, client_that_loses_one_reply
 from producer.api import Farm, SubmitError
 from producer.cli import main
-from shared import keys, profiles, registry
+from shared import keys, profiles, registry, wire
 from shared.ledger import Ledger
 from shared.schema import Job
 from shared.settings import Settings
@@ -172,6 +173,18 @@ def test_resubmitting_with_the_same_key_or_name_returns_the_first_batch(cli, tmp
     assert "already submitted" in err
     assert zfarm_queues(redis_client) == queues
     assert redis_client.zcard(keys.BATCHES) == 1
+
+
+def test_a_submit_whose_reply_is_lost_is_retried_without_queueing_any_job_twice(redis_server, redis_client):
+    register_worker(redis_client, "small-1", 8, SMALL_PX)
+    retrying = client_that_loses_one_reply(redis_server)
+    LosesOneReply.armed = b"EXEC"
+    batch = farm_for(redis_server, client=retrying).submit(["a fox", "a hen", "a cat"])
+    assert LosesOneReply.armed == b""  # the transaction ran, its reply was lost, and the client retried
+    messages = [m for q in redis_client.keys("zfarm.*") for m in redis_client.lrange(q, 0, -1)]
+    assert sorted(wire.envelope_task_id(m) for m in messages) == [f"{batch.id}-{i:06d}" for i in range(3)]
+    assert batch.status()["total"] == batch.status()["queued"] == 3
+    retrying.close()
 
 
 def test_different_names_make_different_batches(cli, tmp_path, redis_client):
