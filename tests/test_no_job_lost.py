@@ -509,6 +509,8 @@ def test_a_broker_that_refuses_client_commands_leaves_added_queues_to_the_next_b
         assert consumer.channel.wake() is False
         drained.join(20)
         assert received == [{"batch_id": "b-acl", "index": 0}]
+    # Asked once for the connection, not again before every BRPOP.
+    assert client.info("commandstats")["cmdstat_client|id"]["rejected_calls"] == 1
     client.acl_deluser("no-client")
     client.close()
 

@@ -226,8 +226,9 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _popped: tuple[bytes, bytes] | None = None
-    # (socket, the server's id for it) of the connection BRPOP blocks on; a reconnect makes a new socket.
-    _blocking_client: tuple[object, int] | None = None
+    # (socket, the server's id for it, None where the server refused to say) of the connection BRPOP
+    # blocks on; a reconnect makes a new socket, whose id is asked again.
+    _blocking_client: tuple[object, int | None] | None = None
 
     def _brpop_start(self, timeout=None):
         self._push_back_unrecorded()
@@ -246,13 +247,13 @@ class Channel(kombu_redis.Channel):
         except self.connection_errors:
             raise  # the BRPOP that follows would fail the same way; kombu reconnects
         except Exception as exc:  # a server without CLIENT ID (Redis < 5): no wake-ups, BRPOPs time out
-            self._blocking_client = None
+            self._blocking_client = (sock, None)
             log.info("no CLIENT ID from the broker (%s): added queues are polled after the BRPOP timeout", exc)
 
     def wake(self) -> bool:
         """End the BRPOP in flight now, as if it had timed out; kombu then BRPOPs again, on the queues
         consumed by then. False when none was blocked (the next BRPOP has the queues anyway)."""
-        if not self._in_poll or self._blocking_client is None:
+        if not self._in_poll or self._blocking_client is None or self._blocking_client[1] is None:
             return False
         try:
             with self.conn_or_acquire() as client:
