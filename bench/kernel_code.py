@@ -13,55 +13,41 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Callable
 
 H100 = ("cuda", 90, 32)  # backend, compute capability, warp size
 
 
 @dataclass(frozen=True)
 class KernelCase:
-    kernel: Callable[[], object]     # returns the @triton.jit function
+    module: str                      # holds the kernel (`_kernel()`, the @triton.jit function) and NUM_WARPS
     types: tuple[str, ...]           # Triton type of each argument, in order ("*bf16", "i32", "constexpr")
     constexprs: dict                 # the DiT's block sizes
     aligned: tuple[str, ...]         # arguments a real launch finds divisible by 16
-    default_warps: Callable[[], int]
 
+    def kernel(self):
+        return importlib.import_module(self.module)._kernel()
 
-def _qk():
-    from worker import qk_kernel
-    return qk_kernel._kernel()
-
-
-def _gate():
-    from worker import fp8_kernels
-    return fp8_kernels._kernel()
-
-
-def _qk_warps():
-    from worker import qk_kernel
-    return qk_kernel.NUM_WARPS
-
-
-def _gate_warps():
-    from worker import fp8_kernels
-    return fp8_kernels.NUM_WARPS
+    def default_warps(self) -> int:
+        return importlib.import_module(self.module).NUM_WARPS
 
 
 # Z-Image: 30 heads of 128 (a 32-row block), feed-forward rows of 10240 (a 16384-wide block).
 KERNELS = {
-    "qk": KernelCase(_qk, ("*bf16",) * 3 + ("*fp32", "*bf16") + ("i32",) * 8 + ("fp32", "constexpr", "constexpr"),
+    "qk": KernelCase("worker.qk_kernel",
+                     ("*bf16",) * 3 + ("*fp32", "*bf16") + ("i32",) * 8 + ("fp32", "constexpr", "constexpr"),
                      {"HEADS_BLOCK": 32, "HEAD_DIM": 128},
                      ("qkv_ptr", "q_weight_ptr", "k_weight_ptr", "rope_ptr", "out_ptr", "qkv_batch_stride",
                       "qkv_token_stride", "rope_batch_stride", "rope_token_stride", "out_part_stride",
-                      "out_batch_stride", "out_token_stride"), _qk_warps),
-    "gate": KernelCase(_gate, ("*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "constexpr"),
-                       {"BLOCK": 16384},
-                       ("gv_ptr", "out_ptr", "scale_ptr", "width", "gv_row_stride", "out_row_stride"), _gate_warps),
+                      "out_batch_stride", "out_token_stride")),
+    "gate": KernelCase("worker.fp8_kernels",
+                       ("*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "constexpr"),
+                       {"BLOCK": 16384}, ("gv_ptr", "out_ptr", "scale_ptr", "width", "gv_row_stride", "out_row_stride")),
 }
 
 
