@@ -257,7 +257,7 @@ class RegistryStep(bootsteps.StartStopStep):
             c.add_task_queue(queue)
         # The BRPOP in flight waits on the holding queue alone until its timeout; end it so the job
         # queues are polled now.
-        woken = getattr(c.task_consumer.channel, "wake", lambda: False)()
+        woken = c.task_consumer.channel.wake()  # worker.transport's Channel (app.broker_transport)
         log.info("zfarm worker %s consumes %d queues%s", STATE.name, len(STATE.queues),
                  " (woke the BRPOP in flight)" if woken else "")
 
