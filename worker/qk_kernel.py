@@ -8,8 +8,9 @@ k), 40 ms of an image's 0.57 s of kernels on an H100 (bench/results/): each read
 A first version that loaded the even and the odd values of each rotation pair apart took 0.53 ms a
 call on an H200 (0.594 -> 0.668 s an image). This one reads and writes whole rows and pairs the values
 in registers; compiled for sm_90 (no GPU needed, tests/test_qk_kernel.py) every global load and store
-of it is 16 bytes wide, where the first version's were 2-byte loads. It has not yet run on a GPU
-(`python -m bench.kernels --only qk` times it).
+of it is 16 bytes wide, where the first version's were 2-byte loads. On an H100 it takes 0.049 ms a
+call against inductor's 0.172 ms (`python -m bench.kernels --only qk`), and the image 0.575 s against
+0.595 s without it.
 
 The arithmetic is diffusers' eager arithmetic: the norm in float32, rounded to the weight's dtype,
 times the weight, rounded again, then the rotation in float32 (`worker.rope`) and a last rounding
