@@ -1,7 +1,7 @@
 """VRAM classes, the measured profile table, and the chooser that reads it.
 
-No torch here: the producer uses the table for routing (`max_pixels` per class) and
-`zfarm profiles` prints it. How a profile is applied to a pipeline lives in `worker.offload`.
+No torch here: routing (`shared.routing`) reads `max_pixels` per class from it, and `zfarm profiles`
+prints it. What each profile does is `worker.engine.specs`; how it is applied, `worker.engine.placement`.
 
 The table is `bench/results/profile_table.json` (shipped in the package as
 `shared/profile_table.json`); the benchmark `bench/profiles.py` writes it. Each run records one
@@ -23,8 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared import keys
-from shared.schema import PRIORITIES, SIDE_MAX_PX
+from shared.errors import NoProfileFits, ProfileError
 
 # VRAM classes in GB, and the allocator cap (GiB) a card of that class can use: the card's total
 # less the CUDA context and driver reservations. The benchmark measures under these caps.
@@ -33,23 +32,18 @@ GPU_CLASSES = tuple(sorted(CLASS_CAPS_GIB))
 CPU_CLASS = "cpu"
 HEADROOM_GIB = 0.5
 CLASS_REACH_FRACTION = 0.93
-# What an uncapped benchmark run on the measuring card (an 80 GB H100) counts as.
+# What an uncapped benchmark run counts as: the whole of the measuring card, an 80 GB one.
 UNCAPPED_RUN_GIB = CLASS_CAPS_GIB[80]
 # Host memory the OS, Python and the worker need beside the profile's own RSS.
 HOST_RESERVE_GIB = 2.0
 CPU_MAX_PIXELS = 2048 * 2048
-# The largest job the schema accepts.
-JOB_MAX_PIXELS = SIDE_MAX_PX * SIDE_MAX_PX
 # Pixels of the reference job the table's speeds are measured on (1024x1024, 8 steps).
 REFERENCE_PIXELS = 1024 * 1024
 REFERENCE_STEPS = 8
 
-TABLE_ENV = "ZFARM_PROFILE_TABLE"
 _PACKAGED_TABLE = Path(__file__).with_name("profile_table.json")
 
 
-class ProfileError(ValueError):
-    """Raised when no measured profile fits the requested class and host."""
 
 
 def class_for_vram(total_gib: float) -> int | None:
@@ -91,7 +85,8 @@ class Choice:
 
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
-    path = Path(path or os.environ.get(TABLE_ENV) or _PACKAGED_TABLE)
+    """The table at `path` (`Settings.profile_table`), or the one shipped with zfarm when it is empty."""
+    path = Path(path or _PACKAGED_TABLE)
     if not path.exists():
         return {"runs": [], "profiles": {}, "measured": {}, "source": str(path)}
     table = json.loads(path.read_text())
@@ -107,7 +102,7 @@ def _measured_cap(run: dict) -> float:
 def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
     if not run.get("ok") or run.get("s_per_image") is None or run.get("peak_reserved_gib") is None:
         return False
-    # An uncapped run had the whole measuring card (an 80 GB H100): it is evidence for that class
+    # An uncapped run had the whole measuring card (80 GB): it is evidence for that class
     # only. Its peak may look small, but its max_pixels was found with all that memory.
     if _measured_cap(run) > cap_gib + 1e-9:
         return False
@@ -181,7 +176,7 @@ def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = 
         return Choice(vram_class, forced, None, None, None, REFERENCE_PIXELS, CLASS_CAPS_GIB[vram_class])
     found = candidates(table, vram_class, ram_gib, allow_lossy)
     if not found:
-        raise ProfileError(
+        raise NoProfileFits(
             f"no measured profile fits class {class_label(vram_class)} "
             f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}"
             f"{'' if allow_lossy else ' among those that keep images as bf16 renders them (ZFARM_ALLOW_LOSSY=1 admits the rest)'}; "
@@ -215,88 +210,5 @@ def class_table(table: dict, ram_gib: float | None = None, allow_lossy: bool = F
 
 
 def max_pixels_by_class(table: dict) -> dict:
+    """The largest image each class's chosen profile renders: what routing builds its tiers from."""
     return {row["vram_class"]: row["max_pixels"] for row in class_table(table) if row.get("profile")}
-
-
-def tier_ceilings(max_pixels: dict) -> dict[str, int]:
-    """Every size tier the table implies, with the largest job it holds, smallest tier first.
-
-    A tier is a level of `max_pixels`: "any" holds the jobs every GPU class renders (up to the
-    smallest class's max_pixels); each larger level is named "c<N>" after the smallest class that
-    reaches it; "c0" holds jobs above every class on record (up to the largest job the schema
-    allows), which only a worker that renders any size can take. Classes sharing a level share
-    its tier, so workers consume no queue that can never fill.
-
-    E.g. {12: 1024², 16: 1024², 24: 2048², 48: 2048²} gives {"any": 1024², "c24": 2048²}."""
-    gpu = sorted((px, c) for c, px in max_pixels.items() if c != CPU_CLASS)
-    if not gpu:
-        return {keys.SHARED_TIER: JOB_MAX_PIXELS}
-    ceilings = {keys.SHARED_TIER: gpu[0][0]}
-    top = gpu[0][0]
-    for px, vram_class in gpu:  # sorted by pixels, then class: a level's smallest class comes first
-        if px > top:
-            ceilings[f"c{vram_class}"] = top = px
-    if top < JOB_MAX_PIXELS:
-        ceilings["c0"] = JOB_MAX_PIXELS
-    return ceilings
-
-
-def tier_for_pixels(pixels: int, max_pixels: dict) -> str:
-    """The queue tier of a job: the smallest tier whose ceiling holds it (see `tier_ceilings`)."""
-    ceilings = tier_ceilings(max_pixels)
-    return next((tier for tier, ceiling in ceilings.items() if pixels <= ceiling), list(ceilings)[-1])
-
-
-def tiers_served(worker_max_pixels: int, max_pixels: dict) -> list[str]:
-    """Tiers a worker can take every job of, largest jobs first, the shared tier last.
-
-    Every worker serves the shared tier, whatever its own max_pixels: "any" is the floor of the
-    table, and a worker must consume something."""
-    ceilings = tier_ceilings(max_pixels)
-    larger = [tier for tier, ceiling in ceilings.items()
-              if tier != keys.SHARED_TIER and ceiling <= worker_max_pixels]
-    return larger[::-1] + [keys.SHARED_TIER]
-
-
-def queue_rank(queue: str, ceilings: dict[str, int]) -> tuple[int, int]:
-    """Where a queue stands in the order workers serve queues: priority first (high, normal, low),
-    then the tier of the largest jobs first (by `tier_ceilings`), the shared tier last. Lanes of
-    one priority and tier rank equal: they take turns. Queues that are not zfarm's come last.
-
-    A worker's BRPOP names its queues in this order; the producer pushes a batch's queues in this
-    order too, because Redis hands a client blocked on several lists the list pushed first in a
-    transaction, not the one it named first."""
-    parsed = keys.parse_queue(queue)
-    if parsed is None or parsed[0] not in PRIORITIES:
-        return (len(PRIORITIES), 0)
-    priority, tier, _lane = parsed
-    size_rank = 0 if tier == keys.SHARED_TIER else -ceilings.get(tier, 1)
-    return (PRIORITIES.index(priority), size_rank)
-
-
-# A job's hard time limit comes from the slowest class's measured speed, scaled to the job's size
-# and steps, times a margin, plus a floor for VAE decode, upload and the first call's warm-up.
-TIME_LIMIT_FLOOR_S = 120.0
-# When nothing is measured yet, assume the common slow recipe (model CPU offload, ~18 s/img).
-UNMEASURED_S_PER_IMAGE = 20.0
-
-
-def work_units(pixels: int, steps: int) -> float:
-    """A job's work relative to the reference 1024x1024 8-step image (linear in pixels and steps)."""
-    return (pixels / REFERENCE_PIXELS) * (steps / REFERENCE_STEPS)
-
-
-def slowest_s_per_image(table: dict) -> float:
-    speeds = [row["s_per_image"] for row in class_table(table) if row.get("profile") and row.get("s_per_image")]
-    return max(speeds) if speeds else UNMEASURED_S_PER_IMAGE
-
-
-def job_time_limit_s(pixels: int, steps: int, table: dict, margin: float) -> float:
-    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image(table) * work_units(pixels, steps), 1)
-
-
-def visibility_timeout_s(table: dict, margin: float) -> float:
-    """Longer than the longest job any worker may run, so a healthy job is never delivered twice."""
-    from shared.schema import SIDE_MAX_PX, STEPS_MAX
-
-    return job_time_limit_s(SIDE_MAX_PX * SIDE_MAX_PX, STEPS_MAX, table, margin) + 60.0

@@ -9,6 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
+from shared.errors import SettingsError
+
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 
 
@@ -25,8 +27,6 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-class SettingsError(ValueError):
-    """Raised when an environment variable holds a value of the wrong kind."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class Settings:
         "ZFARM_SIMULATE_S", -1.0,
         "Seconds per 1024x1024 8-step image for the simulated renderer; negative means real rendering.",
         float)
+    profile_table: str = _env_field(
+        "ZFARM_PROFILE_TABLE", "",
+        "Path of the measured profile table the chooser and the routing read; empty uses the table shipped "
+        "with zfarm (bench/results/profile_table.json at release).")
     device: str = _env_field(
         "ZFARM_DEVICE", "", "Force the torch device (cuda or cpu); empty picks cuda when present.")
     heartbeat_s: float = _env_field(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from flower.views import BaseHandler
 
-from shared import keys, profiles
-from shared.schema import PRIORITIES
-from worker.app import app, settings, table
+from shared import routing
+from worker import config
+from worker.app import app
 
 __all__ = ["app"]
 
@@ -20,9 +20,8 @@ app.conf.broker_transport = None
 
 
 def all_queues() -> list[str]:
-    max_pixels = profiles.max_pixels_by_class(table)
-    tiers = profiles.tiers_served(profiles.CPU_MAX_PIXELS, max_pixels)
-    return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(settings.lanes)]
+    """Every job queue a producer can fill (`routing.all_job_queues`), served or not."""
+    return routing.all_job_queues(config.table(), config.settings().lanes)
 
 
 _flower_queue_names = BaseHandler.get_active_queue_names

@@ -21,16 +21,15 @@ import shutil
 import tempfile
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
-from prometheus_client import values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server, values
 
 from shared.profiles import class_label
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# One 1024x1024 8-step image takes ~1.5 s on an H100 and minutes on a CPU or an 8 GB card with
-# offload: buckets span both.
+# One 1024x1024 8-step image takes about a second on a large card and minutes on a CPU or a small card
+# with offload: buckets span both.
 RENDER_BUCKETS_S = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 
 

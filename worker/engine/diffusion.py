@@ -20,8 +20,9 @@ import time
 from collections import OrderedDict
 
 from shared import profiles
+from shared.errors import OutOfMemory
 from shared.schema import JobSpec
-from worker.render import OutOfMemory, RenderResult, encode_png
+from worker.engine.render import RenderResult, encode_png
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +179,16 @@ class DiffusionRenderer:
     def _load_profile(self, name: str) -> None:
         import torch
 
-        from worker import offload, pipeline
+        from worker.engine import pipeline, placement, specs
 
-        applied = name if self.device == "cuda" else offload.CPU_PROFILE
+        applied = name if self.device == "cuda" else specs.CPU_PROFILE
         t0 = time.monotonic()
         dtype = torch.float32 if applied == "cpu" else pipeline.default_dtype(self.device)
-        gpu_parts = offload.gpu_components(applied) if self.device == "cuda" else ()
+        gpu_parts = specs.gpu_components(applied) if self.device == "cuda" else ()
         pipe = pipeline.load_pipeline(self.settings.model, dtype, self.settings.model_cache_dir,
                                       gpu_components=gpu_parts, device=self.device)
         t1 = time.monotonic()
-        offload.apply_profile(pipe, applied, self.device)
+        placement.apply_profile(pipe, applied, self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.applied, self.dtype = pipe, applied, dtype
         self.load_s = round(time.monotonic() - t0, 2)
@@ -220,7 +221,7 @@ class DiffusionRenderer:
 
     def table(self) -> dict:
         if self._table is None:
-            self._table = profiles.load_table()
+            self._table = profiles.load_table(self.settings.profile_table)
         return self._table
 
     # Rendering

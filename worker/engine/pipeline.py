@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from worker import model_source
+from worker.engine import model_source
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _load(folder: str, dtype, gpu_components, device: str):
 
 def load_pipeline(model: str, dtype, cache_dir: str = "", gpu_components=(), device: str = "cuda"):
     """Load the pipeline named by `model` (local folder, `modelscope:ORG/NAME` or Hugging Face id,
-    resolved by `worker.model_source`) with weights in `dtype`.
+    resolved by `worker.engine.model_source`) with weights in `dtype`.
 
     `gpu_components` (names from COMPONENTS) load straight onto `device`; the rest load on the CPU.
     Raises ModelNotFound when no source has the model.

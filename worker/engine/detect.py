@@ -87,7 +87,7 @@ def host_ram_gib() -> float:
 
 def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = None) -> BootInfo:
     """Detect the card (or take the override), its class, and choose the profile from the table."""
-    table = profiles.load_table() if table is None else table
+    table = profiles.load_table(settings.profile_table) if table is None else table
     gpus = nvml_gpus() if gpus is None else gpus
     ram_gib = settings.ram_gb or host_ram_gib()
     host = socket.gethostname()
