@@ -69,6 +69,11 @@ class Settings:
         "ZFARM_PROFILE_TABLE", "",
         "Path of the measured profile table the chooser and the routing read; empty uses the table shipped "
         "with zfarm (bench/results/profile_table.json at release).")
+    emulate_arch: str = _env_field(
+        "ZFARM_EMULATE_ARCH", "",
+        "Play another GPU architecture (sm_75, sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) on this card: "
+        "choose, compile and render as that card would (no fp8 matmul below sm_89, no bf16 below sm_80, Triton "
+        "code checked for that target). For verifying profiles without the card; its speeds are this card's.")
     device: str = _env_field(
         "ZFARM_DEVICE", "", "Force the torch device (cuda or cpu); empty picks cuda when present.")
     heartbeat_s: float = _env_field(

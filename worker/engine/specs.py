@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from shared.errors import ProfileError
+from shared import archs
 from worker.engine import compile_modes
 
 PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream",
@@ -235,6 +236,45 @@ def is_lossy(spec: Spec) -> bool:
     return any(p.startswith("fp8") for p in placements) or bool(spec.attention)
 
 
+# torch.library.triton_op, which `triton_ops` declares the kernels with, came in this torch release.
+TRITON_OP_TORCH = "2.6"
+# torch's pinned_max_round_threshold_mb allocator setting (`pinned_exact`): refused by 2.11, taken by 2.13.
+PINNED_EXACT_TORCH = "2.13"
+
+
+def requirements(spec: Spec) -> tuple[str, ...]:
+    """What a card (with its torch and Triton) must offer to run `spec` as the table measured it: the
+    capabilities of `shared.archs`, and minimum versions ("torch>=2.6"). Recorded in each table row, so
+    the chooser can judge a card without importing this module."""
+    if spec.recipe == "cpu":
+        return ()
+    needs = {archs.CUDA, archs.BF16}  # every GPU profile loads and computes in bf16
+    compiled = bool(spec.compile or spec.vae_compile)
+    if compiled:
+        needs.add(archs.TRITON)
+    dit, te = spec.transformer, spec.text_encoder
+    if dit.startswith("fp8mm"):
+        # The DiT multiplies in fp8 on fp8 tensor cores, and its compiled blocks round activations to e4m3.
+        needs.add(archs.FP8_MATMUL)
+        if spec.compile:
+            needs.add(archs.TRITON_E4M3)
+    fp8_weights = any(p.startswith("fp8") for p in (dit, te))
+    if fp8_weights and spec.compile and dit.startswith("fp8"):
+        # Compiled code around e4m3 weights: Triton below sm_89 refuses the type.
+        needs.add(archs.TRITON_E4M3)
+    if spec.gate_kernel:
+        needs |= {archs.TRITON, archs.TRITON_E4M3}   # the kernel stores e4m3
+    if spec.qk_kernel:
+        needs.add(archs.TRITON)
+    if spec.triton_ops:
+        needs.add(f"torch>={TRITON_OP_TORCH}")
+    if spec.pinned_exact:
+        needs.add(f"torch>={PINNED_EXACT_TORCH}")
+    if spec.attention == "cudnn":
+        needs.add(archs.CUDNN_ATTENTION)
+    if spec.te_graph:
+        needs.add(archs.CUDA_GRAPHS)
+    return tuple(sorted(needs))
 
 
 def spec_for(name: str, overrides: dict | None = None) -> Spec:
