@@ -326,6 +326,10 @@ def _worker_row(worker: dict) -> dict:
         "last_seen": worker.get("last_seen"),
         "max_pixels": _worker_max_pixels(worker),
         "state": worker.get("state", ""),  # "loading" until the model is in memory, then "ready"
+        "arch": worker.get("arch", ""),
+        # Set when the chosen profile failed its boot self-test (or ran out of memory) and another took over.
+        "downgraded_from": worker.get("downgraded_from") or None,
+        "downgrade_reason": worker.get("downgrade_reason") or None,
     }
     return row
 

@@ -35,8 +35,8 @@ WAIT_REDIS_RETRY_S = 60.0
 FAILURES_SHOWN = 20
 STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
                  "done", "failed", "cancelled")
-WORKER_FIELDS = ("name", "host", "gpu", "vram_gb", "vram_class", "profile", "state", "jobs_done",
-                 "jobs_failed", "s_per_image", "last_seen")
+WORKER_FIELDS = ("name", "host", "gpu", "arch", "vram_gb", "vram_class", "profile", "downgraded_from", "state",
+                 "jobs_done", "jobs_failed", "s_per_image", "last_seen")
 # Sub-commands handed whole to another module: their arguments are that module's to parse.
 PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.engine.tiny", "fetch-model": "worker.engine.fetch"}
 GLOBAL_OPTIONS = ("--redis-url", "--storage-url")

@@ -93,6 +93,20 @@ class OutOfMemory(ZfarmError, RuntimeError):
     """Raised when a render ran out of device memory and no smaller profile is left."""
 
 
+class BadOutput(ZfarmError, RuntimeError):
+    """Raised when a render's pixels are not finite or are constant (NaN, black): the boot self-test."""
+
+
+class NoWorkingProfile(ZfarmError, RuntimeError):
+    """Raised when every profile a worker may run failed its boot self-test; `attempts` holds each
+    profile tried with the kind of failure and its error."""
+
+    def __init__(self, attempts: list[dict]):
+        self.attempts = list(attempts)
+        lines = [f"  - {a['profile']}: {a['kind']}: {a['error']}" for a in self.attempts]
+        super().__init__("no profile this worker may run passed its boot self-test:\n" + "\n".join(lines))
+
+
 class PinError(ZfarmError, RuntimeError):
     """Raised when a host buffer cannot be page-locked, or torch does not see it as pinned."""
 

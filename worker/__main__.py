@@ -86,7 +86,12 @@ def main(argv=None) -> int:
     argv_celery = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
                    "--without-mingle", "--without-gossip"]
     app.worker_main(argv_celery)
-    return 0
+    # Celery's worker_main drops the worker's exit code: a model that never loaded is a configuration
+    # error (78), which supervisors (zfarm worker --gpus, systemd's RestartPreventExitStatus) do not restart.
+    from worker.startup import EX_CONFIG
+    from worker.state import STATE
+
+    return EX_CONFIG if STATE.failed else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ class InfoStep(bootsteps.StartStopStep):
         info = {"gpu": boot.gpu, "vram_gb": boot.vram_gib, "vram_class": boot.vram_class,
                 "profile": boot.choice.profile, "max_pixels": boot.choice.max_pixels,
                 "s_per_image_measured": boot.choice.s_per_image, "model": STATE.model_path,
-                "ready": STATE.ready, "queues": len(STATE.queues)}
+                "ready": STATE.ready, "queues": len(STATE.queues), "arch": boot.arch,
+                "self_test": STATE.self_test,
+                **{k: v for k, v in STATE.step_down.items() if k != "boot_attempts"}}
         try:
             client = connect(config.settings().redis_url, retry_s=STATS_REDIS_RETRY_S)
             me = {w["name"]: w for w in registry.live_workers(client)}.get(STATE.name, {})

@@ -2,11 +2,13 @@
 
 Celery gives `worker_process_init` only seconds, so the pool process loads the renderer in a
 background thread; jobs wait on `renderer()`. The parent learns the outcome through shared memory
-made before the pool forks (`LOAD_STATE`: 0 loading, 1 ready, 2 failed, with the error text and the
-load time), and only then consumes job queues (`worker.registration`).
+made before the pool forks (`LOAD_STATE`: 0 loading, 1 ready, 2 failed, with the error text, the
+load time and a JSON report of the boot self-test: the profile that passed, and the ones that failed
+before it), and only then consumes job queues (`worker.registration`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import threading
@@ -18,9 +20,12 @@ from worker.state import STATE
 log = logging.getLogger(__name__)
 
 LOADING, READY, FAILED = 0, 1, 2
-LOAD_ERROR_MAX_BYTES = 999
+# Room for a failure naming every profile tried, and for the report of a step-down.
+LOAD_ERROR_MAX_BYTES = 7999
+LOAD_REPORT_MAX_BYTES = 7999
 LOAD_STATE = multiprocessing.RawValue("i", LOADING)
 LOAD_ERROR = multiprocessing.RawArray("c", LOAD_ERROR_MAX_BYTES + 1)
+LOAD_REPORT = multiprocessing.RawArray("c", LOAD_REPORT_MAX_BYTES + 1)
 LOAD_S = multiprocessing.RawValue("d", 0.0)
 THREAD_NAME = "zfarm-load"
 
@@ -66,9 +71,26 @@ def _load_renderer():
         return
     _renderer = renderer
     LOAD_S.value = time.monotonic() - t0
+    LOAD_REPORT.value = _report(renderer).encode()[:LOAD_REPORT_MAX_BYTES]
     LOAD_STATE.value = READY
     log.info("zfarm: renderer ready in %.1f s (%s)", LOAD_S.value, renderer.describe())
     _renderer_ready.set()
+
+
+def _report(renderer) -> str:
+    """What the parent needs of a finished load: the profile that passed its self-test and, when it is not
+    the one chosen, the step-down (from, reason, each attempt) -- as JSON that fits the shared buffer."""
+    described = renderer.describe()
+    report = {"profile": described.get("profile"), "self_test": described.get("self_test") or {}}
+    step_down = described.get("boot_step_down") or {}
+    if step_down:
+        attempts = [{**a, "error": a["error"][:300]} for a in step_down.get("attempts", [])]
+        report.update(downgraded_from=step_down["from"], reason=step_down["reason"][:500], attempts=attempts)
+    text = json.dumps(report)
+    while len(text.encode()) > LOAD_REPORT_MAX_BYTES and report.get("attempts"):
+        report["attempts"].pop()
+        text = json.dumps(report)
+    return text
 
 
 def renderer(timeout_s: float | None = None):
@@ -82,6 +104,8 @@ def renderer(timeout_s: float | None = None):
     return _renderer
 
 
-def load_outcome() -> tuple[int, str, float]:
-    """(LOADING, READY or FAILED, the error text, the load time in s), as the parent reads them."""
-    return LOAD_STATE.value, LOAD_ERROR.value.decode(errors="replace"), LOAD_S.value
+def load_outcome() -> tuple[int, str, float, dict]:
+    """(LOADING, READY or FAILED, the error text, the load time in s, the load report), as the parent
+    reads them."""
+    raw = LOAD_REPORT.value.decode(errors="replace")
+    return LOAD_STATE.value, LOAD_ERROR.value.decode(errors="replace"), LOAD_S.value, json.loads(raw) if raw else {}

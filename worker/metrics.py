@@ -48,6 +48,9 @@ def _families() -> SimpleNamespace:
         oom_stepdowns=Counter(
             "zfarm_oom_stepdowns", "Renders that ran out of device memory and moved to a smaller profile.",
             ["vram_class", "from_profile", "to_profile"]),
+        profile_stepdowns=Counter(
+            "zfarm_profile_stepdowns", "Profiles that failed their boot self-test, and the one the worker took instead.",
+            ["vram_class", "from_profile", "to_profile", "reason"]),
         upload_retries=Counter(
             "zfarm_upload_retries", "Upload attempts that failed and were retried."),
         # "mostrecent": the value set last by any process, i.e. the latest render's peak.
@@ -116,6 +119,10 @@ def count_failed(vram_class, profile: str, reason_kind: str) -> None:
 
 def count_oom_stepdown(vram_class, from_profile: str, to_profile: str) -> None:
     _families().oom_stepdowns.labels(_label(vram_class), from_profile, to_profile).inc()
+
+
+def count_profile_stepdown(vram_class, from_profile: str, to_profile: str, reason_kind: str) -> None:
+    _families().profile_stepdowns.labels(_label(vram_class), from_profile, to_profile, reason_kind).inc()
 
 
 def count_upload_retry() -> None:

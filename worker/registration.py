@@ -7,6 +7,7 @@ any message it popped but never recorded (`worker.draining`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -15,7 +16,7 @@ from celery.worker import state as worker_state
 
 from shared import keys, registry, routing
 from shared.redis_conn import connect
-from worker import config, draining, loading
+from worker import config, draining, loading, metrics
 from worker.startup import EX_CONFIG
 from worker.state import STATE, versions
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # How often the parent looks whether the rendering process has loaded the model: a shared-memory
 # read, cheap, and the first job waits on it.
 READY_POLL_S = 0.05
+# How long a worker whose model never loaded stays in the registry, as "failed" with its reason.
+FAILED_ENTRY_TTL_S = 600.0
 
 
 def registration(settings) -> dict:
@@ -43,7 +46,30 @@ def registration(settings) -> dict:
         "tiers": sorted({routing.parse_queue(q)[1] for q in STATE.queues}),
         # Producers never queue into a lane beyond the fewest any live worker consumes.
         "lanes": settings.lanes,
+        "arch": boot.arch, "capabilities": sorted(boot.capabilities.features) if boot.capabilities else [],
+        "emulated_on": boot.capabilities.emulated_on if boot.capabilities else "",
+        "self_test": STATE.self_test, **STATE.step_down,
     }
+
+
+def _adopt_step_down(report: dict) -> None:
+    """The rendering process stepped down from the chosen profile at boot: take the profile that passed
+    as this worker's (its largest image decides the queues it serves), remember from which and why, and
+    count it."""
+    boot = STATE.boot
+    passed = next((c for c in boot.fallbacks if c.profile == report["profile"]), None)
+    if passed is None:
+        log.error("the rendering process reports profile %s, which is not among %s's fallbacks",
+                  report["profile"], boot.choice.profile)
+        return
+    STATE.boot = dataclasses.replace(boot, choice=passed)
+    STATE.queues = routing.worker_queues(passed.max_pixels, config.table(), config.settings().lanes)
+    STATE.step_down = {"downgraded_from": report["downgraded_from"], "downgrade_reason": report["reason"],
+                       "boot_attempts": report.get("attempts", [])}
+    kind = report["reason"].split(":", 1)[0]
+    metrics.count_profile_stepdown(boot.vram_class, report["downgraded_from"], passed.profile, kind)
+    log.warning("zfarm worker %s runs %s: %s failed its boot self-test (%s)", STATE.name, passed.profile,
+                report["downgraded_from"], report["reason"])
 
 
 class RegistryStep(bootsteps.StartStopStep):
@@ -69,12 +95,19 @@ class RegistryStep(bootsteps.StartStopStep):
     def _await_ready(self, c):
         if STATE.ready:
             return
-        outcome, error, load_s = loading.load_outcome()
+        outcome, error, load_s, report = loading.load_outcome()
         if outcome == loading.READY:
+            STATE.self_test = report.get("self_test", {})
+            if report.get("downgraded_from"):
+                _adopt_step_down(report)
             STATE.ready = True
-            self.client.hset(keys.worker(STATE.name), mapping={"state": "ready", "load_s": f"{load_s:.2f}"})
+            settings = config.settings()
+            # Written whole: a step-down changed the profile, the largest image and the tiers served.
+            registry.register(self.client, {**registration(settings), "load_s": f"{load_s:.2f}"},
+                              settings.registry_ttl_s)
             self._consume(c)
         elif outcome == loading.FAILED:
+            STATE.failed = error
             self.client.hset(keys.worker(STATE.name), mapping={"state": "failed", "error": error})
             log.critical("zfarm worker %s stops: the model did not load (%s)", STATE.name, error)
             worker_state.should_stop = EX_CONFIG
@@ -100,7 +133,14 @@ class RegistryStep(bootsteps.StartStopStep):
 
     def shutdown(self, c):
         self.stop(c)
-        if self.client is not None:
-            draining.hand_back_popped(self.client)
-            registry.deregister(self.client, STATE.name)
-            log.info("zfarm worker %s deregistered", STATE.name)
+        if self.client is None:
+            return
+        draining.hand_back_popped(self.client)
+        if STATE.failed:
+            # Left in the registry for a while, state "failed" with the reason: `zfarm workers` and Flower
+            # show why this card does not serve, rather than it vanishing.
+            self.client.pexpire(keys.worker(STATE.name), int(FAILED_ENTRY_TTL_S * 1000))
+            log.info("zfarm worker %s stays listed as failed for %.0f s", STATE.name, FAILED_ENTRY_TTL_S)
+            return
+        registry.deregister(self.client, STATE.name)
+        log.info("zfarm worker %s deregistered", STATE.name)

@@ -21,6 +21,10 @@ class WorkerState:
     queues: list = field(default_factory=list)
     started_at: float = 0.0
     ready: bool = False
+    self_test: dict = field(default_factory=dict)    # the boot self-test of the profile that passed
+    # When the chosen profile failed its self-test: downgraded_from, downgrade_reason, boot_attempts.
+    step_down: dict = field(default_factory=dict)
+    failed: str = ""            # why the model did not load, when it did not: the worker then stops
 
     @property
     def claim(self) -> str:

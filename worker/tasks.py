@@ -191,11 +191,11 @@ def _note_render_facts(b, record: dict) -> None:
     """An out-of-memory step-down changes this worker's profile: say so in the registry and metrics."""
     if record.get("peak_vram_gib") is not None:
         metrics.set_peak_vram(b.vram_class, float(record["peak_vram_gib"]))
-    downgraded_from = record.get("downgraded_from")
-    if downgraded_from:
-        metrics.count_oom_stepdown(b.vram_class, downgraded_from, record["profile"])
-        _redis().hset(keys.worker(STATE.name), mapping={
-            "profile": record["profile"], "downgraded_from": downgraded_from})
+    stepped = record.get("oom_step_down")
+    if stepped:
+        metrics.count_oom_stepdown(b.vram_class, stepped["from"], stepped["to"])
+        STATE.step_down = {"downgraded_from": stepped["from"], "downgrade_reason": record["downgrade_reason"]}
+        _redis().hset(keys.worker(STATE.name), mapping={"profile": stepped["to"], **STATE.step_down})
 
 
 class RenderRequest(Request):
