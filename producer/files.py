@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -92,21 +93,65 @@ def _text_records(text: str) -> Iterator[tuple[int, object]]:
 
 
 class _NotJson:
-    def __init__(self, message: str):
+    def __init__(self, message: str, field: str = "json"):
         self.message = message
+        self.field = field
+
+
+class DuplicateKey(ValueError):
+    """Raised when a JSON object names one key twice (JSON parsers keep the last silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _jsonl_records(text: str) -> Iterator[tuple[int, object]]:
+    """Each line's object as JSON typed it: the schema refuses a value of the wrong type (a width
+    of "512" is text, not a number) rather than converting it."""
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             # NaN and Infinity parse here and are refused by the schema, which names the field.
-            yield number, json.loads(raw)
+            yield number, json.loads(raw, object_pairs_hook=_object_without_duplicates)
         except json.JSONDecodeError as exc:
             yield number, _NotJson(f"not valid JSON: {exc.msg} at column {exc.colno}")
+        except DuplicateKey as exc:
+            yield number, _NotJson("appears twice in one object; give each field once", field=exc.key[:40])
         except RecursionError:
             yield number, _NotJson("not valid JSON: nested too deeply")
+
+
+# CSV cells are text; these columns hold numbers, parsed here (the schema takes no text for them).
+_INT_COLUMNS = ("width", "height", "steps", "seed")
+_FLOAT_COLUMNS = ("guidance",)
+_INT_TEXT = re.compile(r"[+-]?\d+")
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _csv_cell(column: str, text: str):
+    """A cell as the value of its column: numbers parsed, an empty number cell absent (None), text
+    that is no number left as text, for the schema to refuse with the type it expects."""
+    if column not in _INT_COLUMNS + _FLOAT_COLUMNS:
+        return text
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if column in _INT_COLUMNS and _INT_TEXT.fullmatch(stripped):
+        return int(stripped)
+    if column in _FLOAT_COLUMNS and _FLOAT_TEXT.fullmatch(stripped):
+        return float(stripped)  # nan and inf too: the schema refuses them, naming the field
+    return text
 
 
 def _csv_records(text: str, errors: _Errors) -> Iterator[tuple[int, object]]:
@@ -143,7 +188,7 @@ def _csv_records(text: str, errors: _Errors) -> Iterator[tuple[int, object]]:
             continue
         if not any((v or "").strip() for v in row.values()):
             continue  # a blank row, as spreadsheets leave at the end
-        yield number, {k: v for k, v in row.items() if v is not None}
+        yield number, {k: _csv_cell(k, v) for k, v in row.items() if v is not None}
 
 
 def validate_records(records: Iterable[tuple[int, object]], name: str, defaults: dict | None = None,
@@ -158,7 +203,7 @@ def validate_records(records: Iterable[tuple[int, object]], name: str, defaults:
         if on_progress is not None and total:
             on_progress(done, total)
         if isinstance(raw, _NotJson):
-            errors.add(number, "json", raw.message)
+            errors.add(number, raw.field, raw.message)
             continue
         try:
             entries.append(PromptEntry(number, JobSpec.from_dict(raw, defaults)))

@@ -38,17 +38,30 @@ class JobError(ValueError):
         self.message = message
 
 
+def describe_json_value(value) -> str:
+    """A value as an error message names it, in JSON's words: 'the string \'512\'', 'an array'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r:.60}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r:.40}"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def _int_field(raw: dict, name: str, lo: int, hi: int, default) -> int:
     value = raw.get(name, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise JobError(name, f"must be an integer, got {type(value).__name__}")
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise JobError(name, f"must be an integer, got {value!r}")
-        value = int(text)
+    # No text is read as a number here: text files parse their own cells (producer.files).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError(name, f"must be an integer, got {describe_json_value(value)}")
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             raise JobError(name, f"must be an integer, got {value!r}")
@@ -60,13 +73,8 @@ def _int_field(raw: dict, name: str, lo: int, hi: int, default) -> int:
 
 def _float_field(raw: dict, name: str, lo: float, hi: float, default: float) -> float:
     value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise JobError(name, f"must be a number, got {type(value).__name__}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise JobError(name, f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError(name, f"must be a number, got {describe_json_value(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise JobError(name, f"must be a finite number, got {value!r}")
@@ -82,7 +90,7 @@ def _text_field(raw: dict, name: str, required: bool) -> str:
             raise JobError(name, "is required")
         value = ""
     if not isinstance(value, str):
-        raise JobError(name, f"must be a string, got {type(value).__name__}")
+        raise JobError(name, f"must be a string, got {describe_json_value(value)}")
     if len(value) > PROMPT_MAX_CHARS:
         raise JobError(name, f"is {len(value)} characters; at most {PROMPT_MAX_CHARS}")
     if "\x00" in value:
@@ -124,7 +132,8 @@ class JobSpec:
         if unknown:
             raise JobError(unknown[0], f"unknown field (known: {', '.join(SPEC_FIELDS)})")
         merged = {k: v for k, v in (defaults or {}).items() if v is not None}
-        merged.update({k: v for k, v in raw.items() if v is not None and v != ""} )
+        # null means "not given"; any other value is taken as it is, of the type its field needs.
+        merged.update({k: v for k, v in raw.items() if v is not None})
         if "prompt" in raw:
             merged["prompt"] = raw["prompt"]
         seed = _int_field(merged, "seed", 0, SEED_MAX, None)
