@@ -17,11 +17,11 @@ from urllib.parse import urlparse
 import redis
 
 from producer.api import Farm, SubmitError, failure_reason, scale_advice
-from producer.files import PromptFileError, parse_prompt_file
+from producer.files import DefaultsError, PromptFileError, parse_prompt_file
 from producer.progress import CountBar, Progress
 from shared import profiles
 from shared.ledger import LedgerError
-from shared.schema import PRIORITIES, JobError
+from shared.schema import PRIORITIES, JobError, check_defaults
 from shared.settings import Settings, SettingsError
 from shared.storage import StorageError
 
@@ -244,6 +244,10 @@ def cmd_submit(args) -> int:
         raise UsageError("--out and --timeout need --wait")
     defaults = {"width": args.width, "height": args.height, "steps": args.steps, "guidance": args.guidance,
                 "seed": args.seed, "negative_prompt": args.negative_prompt}
+    # A bad flag is one error, named by its flag, before the file is read at all.
+    bad_flags = check_defaults(defaults)
+    if bad_flags:
+        raise DefaultsError(bad_flags)
     bar = CountBar("validating")
     try:
         entries = parse_prompt_file(args.file, {k: v for k, v in defaults.items() if v is not None},
@@ -431,6 +435,11 @@ def cmd_demo(args) -> int:
     return demo.run(args.dir, redis_url=args.redis_url, storage_url=args.storage_url)
 
 
+def _flag(field_name: str) -> str:
+    """The command-line flag that sets a job field's default: negative_prompt -> --negative-prompt."""
+    return "--" + field_name.replace("_", "-")
+
+
 def _redact(url: str) -> str:
     """A Redis URL without its password, for error messages."""
     parsed = urlparse(url)
@@ -467,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"  {error}")
         if exc.more:
             _say(f"  ... and {exc.more} more")
+        return EXIT_USAGE
+    except DefaultsError as exc:
+        for error in exc.errors:
+            _say(f"zfarm: {_flag(error.field)}: {error.message}")
+        _say("zfarm: nothing was queued")
         return EXIT_USAGE
     except (UsageError, SubmitError, JobError, LedgerError, SettingsError, profiles.ProfileError) as exc:
         _say(f"zfarm: {exc}")

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from shared.schema import SPEC_FIELDS, JobError, JobSpec
+from shared.schema import SPEC_FIELDS, JobError, JobSpec, check_defaults
 
 MAX_ERRORS = 20
 SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -49,6 +49,15 @@ class PromptFileError(ValueError):
         """One line for a terminal: the first error and how many others there are."""
         rest = len(self.errors) + self.more - 1
         return str(self.errors[0]) + (f" (and {rest} more error(s))" if rest else "")
+
+
+class DefaultsError(ValueError):
+    """Raised when a default meant for every job (a CLI flag, the API's `defaults`) is invalid.
+    `errors` holds one JobError per bad field, reported once rather than on every line."""
+
+    def __init__(self, errors: list[JobError]):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors) + "; nothing was queued")
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,9 @@ def validate_records(records: Iterable[tuple[int, object]], name: str, defaults:
     """Validate (line, raw dict) pairs into entries, or raise PromptFileError listing every bad one.
 
     `on_progress(done, total)` is told how far validation got, when the records are a list."""
+    bad_defaults = check_defaults(defaults)
+    if bad_defaults:
+        raise DefaultsError(bad_defaults)
     errors = errors or _Errors(name)
     entries = []
     total = len(records) if isinstance(records, list) else 0

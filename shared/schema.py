@@ -155,6 +155,23 @@ class JobSpec:
         return asdict(self)
 
 
+def check_defaults(defaults: dict | None) -> list[JobError]:
+    """The errors of defaults meant for every job (the CLI's flags), each field judged on its own: a
+    bad default is one error naming its field, not one error per job it would break."""
+    errors = []
+    for name, value in (defaults or {}).items():
+        if value is None:
+            continue
+        if name not in SPEC_FIELDS or name == "prompt":
+            errors.append(JobError(name, f"is not a field with a default (fields: {', '.join(SPEC_FIELDS[1:])})"))
+            continue
+        try:
+            JobSpec.from_dict({"prompt": "a default's check", name: value})
+        except JobError as exc:
+            errors.append(exc)
+    return errors
+
+
 def check_id(value, field_name: str = "batch_id") -> str:
     """Ids become storage keys and Redis keys: letters, digits, '-' and '_' only."""
     if not isinstance(value, str) or not _ID_RE.match(value):

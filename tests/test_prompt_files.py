@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from producer.files import MAX_ERRORS, PromptFileError, parse_prompt_file
+from producer.files import MAX_ERRORS, DefaultsError, PromptFileError, parse_prompt_file
 from producer.cli import main
 
 
@@ -48,9 +48,25 @@ def test_a_prompt_longer_than_the_limit_is_refused_with_its_line(tmp_path):
     assert errors_of(path) == [(path, 2, "prompt")]
 
 
-def test_a_bad_cli_default_is_reported_on_every_line_it_breaks(tmp_path):
+def test_a_bad_default_is_reported_once_naming_its_field_not_on_every_line(tmp_path):
     path = write(tmp_path, "p.txt", "a\nb\n")
-    assert errors_of(path, defaults={"width": 1000}) == [(path, 1, "width"), (path, 2, "width")]
+    with pytest.raises(DefaultsError) as caught:
+        parse_prompt_file(path, defaults={"width": 1000, "steps": 10000, "seed": 3})
+    assert [(e.field, e.message) for e in caught.value.errors] == [
+        ("width", "must be a multiple of 16, got 1000"), ("steps", "must be in [1, 50], got 10000")]
+
+
+def test_a_bad_flag_with_a_300_line_file_is_one_error_naming_the_flag(tmp_path, capsys):
+    path = write(tmp_path, "many.txt", "".join(f"prompt {i}\n" for i in range(300)))
+    # No Redis is reachable at this URL: a bad flag is refused before any connection is made.
+    code = main(["--redis-url", "redis://127.0.0.1:1/0", "submit", path, "--steps", "10000",
+                 "--negative-prompt", "x" * 2001])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["zfarm: --steps: must be in [1, 50], got 10000",
+                                "zfarm: --negative-prompt: is 2001 characters; at most 2000",
+                                "zfarm: nothing was queued"]
+    assert "many.txt" not in err
 
 
 # JSON lines
