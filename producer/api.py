@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,9 @@ class Batch:
     def wait(self, timeout_s: float | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
         """Poll until every job is final or `timeout_s` passes; returns the last status, whose
         `finished` says which."""
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                                          and timeout_s >= 0):
+            raise ValueError(f"timeout_s must be a finite number of seconds >= 0 or None, got {timeout_s!r}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay_s = POLL_FIRST_S
         while True:

@@ -47,6 +47,16 @@ class UsageError(ValueError):
     """A command-line mistake argparse cannot see (options that do not go together)."""
 
 
+def _duration_arg(text: str) -> float:
+    """A positive, finite duration for argparse, checked before anything is queued or waited on."""
+    from shared.capacity import parse_duration_s
+
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zfarm", description="Render farm for Z-Image-Turbo: queue prompt files, follow and collect batches.",
@@ -72,7 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="queue jobs larger than every live worker renders, for a worker yet to come")
     p.add_argument("--wait", action="store_true", help="wait for the batch to finish")
     p.add_argument("--out", help="with --wait: collect results into this folder")
-    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--timeout", type=_duration_arg,
+                   help="with --wait: give up after this long (seconds, or 90s, 45m, 2h)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
 
@@ -83,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wait", help="wait for a batch: exit 0 all done, 1 some failed/cancelled, 2 timeout")
     p.add_argument("batch")
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=_duration_arg, help="give up after this long (seconds, or 90s, 45m, 2h)")
     p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("collect", help="download results, manifest.jsonl and an index.html contact sheet")

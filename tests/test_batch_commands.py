@@ -111,6 +111,29 @@ def test_wait_times_out_with_exit_2_while_jobs_are_queued(cli, tmp_path):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_refused_before_anything_is_queued(cli, tmp_path, redis_client, timeout):
+    code, out, err = cli("submit", prompts(tmp_path, "a fox"), "--wait", "--timeout", timeout)
+    assert code == 2 and out == "" and "argument --timeout" in err and "timed out" not in err
+    assert redis_client.keys("zfarm*") == []
+    code, _, err = cli("wait", "20240101-000000-abcdef", "--timeout", timeout)
+    assert code == 2 and "argument --timeout" in err
+
+
+def test_a_timeout_may_be_written_with_a_unit(cli, tmp_path):
+    batch_id = cli("submit", prompts(tmp_path, "a fox"))[1].strip()
+    code, _, err = cli("wait", batch_id, "--timeout", "0.2s")
+    assert code == 2 and "timed out after 0.2 s" in err
+
+
+def test_the_api_refuses_a_negative_or_nan_timeout(redis_server, storage_url, tmp_path):
+    farm = Farm(Settings.from_env(redis_url=redis_server, storage_url=storage_url), table={"runs": []})
+    batch = farm.submit(["a fox"])
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout_s"):
+            batch.wait(timeout_s=bad)
+
+
 def test_wait_exits_0_when_every_job_is_done(cli, tmp_path, worker):
     batch_id = cli("submit", prompts(tmp_path, "a fox", "an owl"))[1].strip()
     code, out, err = cli("wait", batch_id, "--timeout", "30")
