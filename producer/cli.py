@@ -75,8 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="the same seed for every job (default: one drawn per job)")
     p.add_argument("--negative-prompt")
     p.add_argument("--priority", choices=PRIORITIES, default="normal")
-    p.add_argument("--name", help="batch name; submitting the same name again returns the first batch")
-    p.add_argument("--idempotency-key", help="submitting the same key again returns the first batch")
+    p.add_argument("--name", help="batch name; the same name and content again returns the first batch, "
+                                  "other content is refused as a conflict")
+    p.add_argument("--idempotency-key", help="as --name: the same key and content again returns the first batch")
     p.add_argument("--webhook", help="URL called when the batch finishes")
     p.add_argument("--allow-pending", action="store_true",
                    help="queue jobs larger than every live worker renders, for a worker yet to come")

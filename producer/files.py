@@ -66,6 +66,7 @@ class PromptEntry:
 
     line: int
     spec: JobSpec
+    seed_drawn: bool = False  # no seed was given, so one was drawn: a resubmission may draw another
 
 
 class _Errors:
@@ -218,9 +219,12 @@ def validate_records(records: Iterable[tuple[int, object]], name: str, defaults:
             errors.add(number, raw.field, raw.message)
             continue
         try:
-            entries.append(PromptEntry(number, JobSpec.from_dict(raw, defaults)))
+            spec = JobSpec.from_dict(raw, defaults)
         except JobError as exc:
             errors.add(number, exc.field, exc.message)
+            continue
+        drawn = raw.get("seed") is None and (defaults or {}).get("seed") is None
+        entries.append(PromptEntry(number, spec, seed_drawn=drawn))
     errors.raise_if_any()
     if not entries:
         raise PromptFileError([FileError(name, 0, "file", "holds no prompts")])

@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Connection
 
 from farm import LosesOneReply, client_that_loses_one_reply
-from producer.api import Farm, SubmitError
+from producer.api import Farm, SubmitConflict, SubmitError
 from producer.cli import main
 from shared import keys, profiles, registry, wire
 from shared.ledger import Ledger
@@ -173,6 +173,44 @@ def test_resubmitting_with_the_same_key_or_name_returns_the_first_batch(cli, tmp
     assert "already submitted" in err
     assert zfarm_queues(redis_client) == queues
     assert redis_client.zcard(keys.BATCHES) == 1
+
+
+def test_a_name_reused_with_other_content_is_a_conflict_naming_the_differences(cli, tmp_path, redis_client):
+    first = write_jobs(tmp_path, [{"prompt": "a fox", "seed": 1}, {"prompt": "an owl"}], "first.jsonl")
+    code, out, _ = cli("submit", first, "--name", "poster-run-3")
+    assert code == 0
+    queues = zfarm_queues(redis_client)
+    changed = write_jobs(tmp_path, [{"prompt": "a fox", "seed": 2}, {"prompt": "a cat"}, {"prompt": "a hen"}],
+                         "changed.jsonl")
+    code, again, err = cli("submit", changed, "--name", "poster-run-3", "--priority", "high", "--steps", "4")
+    assert code == 2 and again == ""
+    assert f"name 'poster-run-3' was used for batch {out.strip()}, with different content" in err
+    assert "priority: normal there, high here" in err and "jobs: 2 there, 3 here" in err
+    assert "prompt: changed.jsonl:2: 'an owl' there, 'a cat' here" in err
+    assert "steps differs in 2 jobs, first changed.jsonl:1: 8 there, 4 here" in err
+    assert "seed: changed.jsonl:1: 1 there, 2 here" in err
+    assert len(err.splitlines()) == 1 and "Nothing was queued" in err, err
+    assert zfarm_queues(redis_client) == queues and redis_client.zcard(keys.BATCHES) == 1
+
+
+def test_a_name_reused_with_the_same_content_and_fresh_random_seeds_returns_the_first_batch(
+        cli, tmp_path, redis_client):
+    path = write_jobs(tmp_path, [{"prompt": "a fox"}, {"prompt": "an owl", "seed": 5}])
+    code, first, _ = cli("submit", path, "--name", "nightly", "--steps", "4")
+    code_again, second, err = cli("submit", path, "--name", "nightly", "--steps", "4")
+    assert (code, code_again) == (0, 0) and second == first and "already submitted" in err
+    # A seed given where one was drawn before is content too.
+    code, _, err = cli("submit", path, "--name", "nightly", "--steps", "4", "--seed", "9")
+    assert code == 2 and "seed: " in err and "'drawn at random' there, 9 here" in err
+
+
+def test_an_idempotency_key_reused_with_another_webhook_is_a_conflict_that_hides_the_url(redis_server):
+    farm = farm_for(redis_server)
+    farm.submit(["a fox"], idempotency_key="k-1", webhook="http://hooks.example.com/a?token=secret1")
+    with pytest.raises(SubmitConflict) as caught:
+        farm.submit(["a fox"], idempotency_key="k-1", webhook="http://hooks.example.com/b?token=secret2")
+    assert "idempotency key 'k-1'" in str(caught.value) and "webhook: a different URL" in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def test_a_submit_whose_reply_is_lost_is_retried_without_queueing_any_job_twice(redis_server, redis_client):
