@@ -21,10 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import urlparse
 
 from producer.files import PromptEntry, source_name, validate_records
-from shared import keys, profiles, registry
+from shared import keys, profiles, registry, webhook_policy
 from shared.ledger import Ledger
 from shared.redis_conn import connect
 from shared.schema import PRIORITIES, SPEC_FIELDS, Job, JobSpec, check_id, check_name, new_batch_id
@@ -34,7 +33,6 @@ from shared.wire import render_message
 
 # The soft limit leaves the task this long to clean up (free memory, report) before the hard kill.
 SOFT_LIMIT_MARGIN_S = 10.0
-WEBHOOK_MAX_CHARS = 2000
 # Polling cadence of `Batch.wait`: quick at first, so short batches return promptly, then gentle.
 POLL_FIRST_S, POLL_MAX_S, POLL_GROWTH = 0.2, 2.0, 1.5
 # How many oversized jobs a refusal lists by name before summarising.
@@ -95,7 +93,7 @@ class Farm:
         if idempotency_key is not None:
             check_name(idempotency_key, "idempotency_key")
         if webhook:
-            _check_webhook(webhook)
+            _check_webhook(webhook, self.settings.webhook_allowed_networks)
         source_label = _source_label(source)
         entries = _entries(jobs_or_specs, defaults, source_label)
         idem = idempotency_key or (f"name:{name}" if name else "")
@@ -374,11 +372,12 @@ def _differences(meta: dict, stored_jobs: dict[int, dict], again: _Resubmission)
     return out
 
 
-def _check_webhook(url: str) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > WEBHOOK_MAX_CHARS:
-        raise SubmitError(f"webhook must be an http(s) URL of at most {WEBHOOK_MAX_CHARS} characters, "
-                          f"got {url[:80]!r}")
+def _check_webhook(url: str, allowed_networks: str) -> None:
+    """Refuse a webhook the workers may not call (shared.webhook_policy), before anything is queued."""
+    try:
+        webhook_policy.check_url(url, webhook_policy.parse_allowed_networks(allowed_networks))
+    except webhook_policy.WebhookRefused as exc:
+        raise SubmitError(f"webhook refused: {exc}; nothing was queued") from None
 
 
 def _worker_max_pixels(worker: dict) -> int:

@@ -78,7 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="batch name; the same name and content again returns the first batch, "
                                   "other content is refused as a conflict")
     p.add_argument("--idempotency-key", help="as --name: the same key and content again returns the first batch")
-    p.add_argument("--webhook", help="URL called when the batch finishes")
+    p.add_argument("--webhook", help="http(s) URL POSTed the final status when the batch finishes; its host must "
+                                     "resolve to public addresses (ZFARM_WEBHOOK_ALLOWED_NETWORKS allows private ones)")
     p.add_argument("--allow-pending", action="store_true",
                    help="queue jobs larger than every live worker renders, for a worker yet to come")
     p.add_argument("--wait", action="store_true", help="wait for the batch to finish")

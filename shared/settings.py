@@ -88,6 +88,12 @@ class Settings:
         "Safety factor on the slowest measured speed when deriving job time limits.", float)
     webhook_timeout_s: float = _env_field(
         "ZFARM_WEBHOOK_TIMEOUT_S", 10.0, "Timeout of one webhook call.", float)
+    webhook_allowed_networks: str = _env_field(
+        "ZFARM_WEBHOOK_ALLOWED_NETWORKS", "",
+        "Private networks webhooks may reach, as comma-separated CIDRs (10.0.0.0/8,192.168.1.20/32). Empty: "
+        "a webhook's host must resolve to public addresses only; loopback, link-local, private and other "
+        "non-public addresses are refused, at submit and again before each POST. Cloud metadata addresses "
+        "are refused always. Set it alike on producers and workers.")
     metrics_port: int = _env_field(
         "ZFARM_METRICS_PORT", 0, "Port for the worker's Prometheus metrics; 0 turns them off.", int)
     compile_cache_dir: str = _env_field(
