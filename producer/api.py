@@ -56,17 +56,23 @@ class Farm:
     """A connection to one zfarm deployment: its Redis, its result storage, its profile table."""
 
     def __init__(self, settings: Settings, redis_client=None, table: dict | None = None,
-                 redis_retry_s: float = 60.0):
+                 redis_retry_s: float | None = None, on_redis_retry=None):
+        """`redis_retry_s` (default: the producer_redis_retry_s setting) is how long a Redis command is
+        retried while Redis is unreachable; `on_redis_retry(error, retry_s)` hears of each such wait."""
         self.settings = settings
-        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, redis_retry_s)
+        retry_s = settings.producer_redis_retry_s if redis_retry_s is None else redis_retry_s
+        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, retry_s,
+                                                                           on_redis_retry)
         self.table = profiles.load_table() if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None
 
     @classmethod
-    def from_env(cls, *, table: dict | None = None, redis_retry_s: float = 60.0, **overrides) -> "Farm":
+    def from_env(cls, *, table: dict | None = None, redis_retry_s: float | None = None, on_redis_retry=None,
+                 **overrides) -> "Farm":
         """Settings from the ZFARM_* environment, with `overrides` (e.g. redis_url=...) on top."""
-        return cls(Settings.from_env(**overrides), table=table, redis_retry_s=redis_retry_s)
+        return cls(Settings.from_env(**overrides), table=table, redis_retry_s=redis_retry_s,
+                   on_redis_retry=on_redis_retry)
 
     @property
     def storage(self):

@@ -30,9 +30,6 @@ EXIT_FAILED = 1       # wait: some job failed or was cancelled
 EXIT_USAGE = 2        # bad input, refused submission; wait: timed out
 EXIT_UNAVAILABLE = 3  # Redis or storage unreachable
 EXIT_TIMEOUT = 2
-# Short commands give up on an unreachable Redis sooner than a long `wait`, which rides out restarts.
-SHORT_REDIS_RETRY_S = 10.0
-WAIT_REDIS_RETRY_S = 60.0
 FAILURES_SHOWN = 20
 STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
                  "done", "failed", "cancelled")
@@ -61,7 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zfarm", description="Render farm for Z-Image-Turbo: queue prompt files, follow and collect batches.",
         epilog="exit codes: 0 ok; 1 jobs failed or were cancelled (wait); 2 bad input, refused, or timed out "
-               "(wait); 3 Redis or storage unreachable")
+               "(wait); 3 Redis or storage unreachable (Redis after ZFARM_PRODUCER_REDIS_RETRY_S of retrying, 60 s by default)")
     parser.add_argument("--redis-url", help="overrides ZFARM_REDIS_URL")
     parser.add_argument("--storage-url", help="overrides ZFARM_STORAGE_URL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -181,8 +178,13 @@ def run_passthrough(args, command: str, rest: list[str]) -> int:
 
 
 # Helpers
-def _farm(args, redis_retry_s: float = SHORT_REDIS_RETRY_S) -> Farm:
-    return Farm.from_env(redis_url=args.redis_url, storage_url=args.storage_url, redis_retry_s=redis_retry_s)
+def _farm(args) -> Farm:
+    """Every command rides out a Redis restart for ZFARM_PRODUCER_REDIS_RETRY_S, saying so while it waits."""
+    def waiting(error, retry_s: float) -> None:
+        _say(f"zfarm: Redis at {_redis_url_for_message(args)} is unreachable ({error}); retrying for up to "
+             f"{retry_s:g} s (ZFARM_PRODUCER_REDIS_RETRY_S)")
+
+    return Farm.from_env(redis_url=args.redis_url, storage_url=args.storage_url, on_redis_retry=waiting)
 
 
 def _say(message: str) -> None:
@@ -267,7 +269,7 @@ def cmd_submit(args) -> int:
                                     on_progress=bar)
     finally:
         bar.close()
-    farm = _farm(args, WAIT_REDIS_RETRY_S if args.wait else SHORT_REDIS_RETRY_S)
+    farm = _farm(args)
     batch = farm.submit(entries, priority=args.priority, name=args.name, idempotency_key=args.idempotency_key,
                         webhook=args.webhook, allow_pending=args.allow_pending, source=args.file)
     result = {"batch_id": batch.id, "jobs": len(entries), "created": batch.created, "priority": args.priority,
@@ -320,7 +322,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_wait(args) -> int:
-    status = _wait(_farm(args, WAIT_REDIS_RETRY_S).batch(args.batch), args.timeout)
+    status = _wait(_farm(args).batch(args.batch), args.timeout)
     return _exit_for(status)
 
 

@@ -34,6 +34,11 @@ class Settings:
     redis_url: str = _env_field(
         "ZFARM_REDIS_URL", "redis://localhost:6379/0",
         "Broker and state store for jobs, batches and the worker registry.")
+    producer_redis_retry_s: float = _env_field(
+        "ZFARM_PRODUCER_REDIS_RETRY_S", 60.0,
+        "How long a zfarm command (and the Python API) retries a Redis command while Redis is unreachable, "
+        "as during a restart, with backoff up to 2 s between tries, before it gives up (exit 3). A wrong "
+        "password is not retried.", float)
     storage_url: str = _env_field(
         "ZFARM_STORAGE_URL", "file://./zfarm-results",
         "Where results land: s3://bucket/prefix or file:///abs/dir.")
