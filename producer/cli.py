@@ -358,12 +358,22 @@ def cmd_workers(args) -> int:
     for w in workers:
         row = [w.get(f) for f in WORKER_FIELDS]
         if tty and w.get("last_seen"):
-            row[-1] = f"{max(0.0, time.time() - float(w['last_seen'])):.0f} s ago"
+            row[-1] = _age(time.time() - float(w["last_seen"]))
         rows.append(row)
     _print_table(list(WORKER_FIELDS), rows, tty)
     if tty and not workers:
         _say("no live workers")
     return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    """How long ago, as a person reads it: '3 s ago', '4 min ago', '2 h ago'."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
 def _duration(seconds: float | None) -> str:

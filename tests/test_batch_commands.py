@@ -260,6 +260,49 @@ def test_workers_lists_live_workers_with_their_stats(cli, redis_client):
     assert out[0].split("\t")[:3] == ["name", "host", "gpu"] and out[1].startswith("zimage-24g@gpu1\tgpu1")
 
 
+def _on_a_terminal(args: list[str]) -> str:
+    """Run `zfarm ARGS` with its stdout on a pseudo-terminal, as a person at a shell sees it."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], stdout=terminal, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the command has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(60)
+    os.close(controller)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_workers_shows_last_seen_as_an_age_on_a_terminal(redis_server, redis_client):
+    registry.register(redis_client, {"name": "zimage-24g@gpu1", "host": "gpu1", "gpu": "RTX 4090",
+                                     "vram_gb": 23.6, "vram_class": 24, "profile": "resident",
+                                     "max_pixels": 4194304}, ttl_s=600)
+    seen = time.time() - 300
+    redis_client.hset(keys.worker("zimage-24g@gpu1"), "last_seen", str(seen))
+    header, row = _on_a_terminal(["--redis-url", redis_server, "workers"]).splitlines()
+    assert header.split()[-1] == "LAST_SEEN" and row.endswith("5 min ago")
+    assert str(int(seen)) not in row
+
+
+def test_workers_json_keeps_last_seen_as_an_epoch(cli, redis_client):
+    registry.register(redis_client, {"name": "w@h", "vram_class": 24, "max_pixels": 4194304}, ttl_s=60)
+    seen = time.time() - 3
+    redis_client.hset(keys.worker("w@h"), "last_seen", str(seen))
+    [worker] = json.loads(cli("workers", "--json")[1])
+    assert worker["last_seen"] == pytest.approx(seen)
+    assert cli_module._age(3.2) == "3 s ago" and cli_module._age(7300) == "2 h ago"
+
+
 # Profiles
 TABLE = {"runs": [{"profile": "resident", "ok": True, "s_per_image": 3.0, "peak_reserved_gib": 20.0,
                    "cap_gib": 23.0, "host_rss_gib": 10.0, "max_pixels": 4194304}], "source": "test"}
