@@ -28,7 +28,9 @@ import math
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
+from shared import keys
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
 
@@ -178,6 +180,15 @@ def decode_body(payload) -> tuple:
     return tuple(decoded)
 
 
+def is_checked_queue(queue: str) -> bool:
+    """Whether items popped from `queue` are checked: zfarm's own queues, the job queues
+    (`keys.parse_queue`) and the holding queue a loading worker consumes (`zfarm.hold`). Celery's own
+    queues, such as the `<uuid>.reply.celery.pidbox` lists that `celery inspect`, `celery status` and
+    Flower read the workers' replies from (in the same BRPOP as any task queue), take kombu's stock
+    path: their messages are no render jobs, and checking them dropped every reply."""
+    return keys.parse_queue(queue) is not None or queue.startswith(keys.QUEUE_PREFIX + ".")
+
+
 def named_job(payload):
     """The `job` object a refused envelope's body carries, if its body can be read as JSON at all
     (whatever content type it claims: JSON is parsed, never anything else)."""
@@ -297,6 +308,10 @@ class Channel(kombu_redis.Channel):
     def _take(self, dest: str, item: bytes) -> None:
         """Deliver a popped item to Celery (kombu records it as unacked first), or refuse it."""
         self._queue_cycle.rotate(dest)
+        if not is_checked_queue(dest):
+            # kombu's own path for Celery's queues (kombu.transport.redis.Channel._brpop_read).
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return
         payload = None
         try:
             if len(item) > ITEM_MAX_BYTES:
