@@ -13,12 +13,15 @@ even then: no hook needs them, and they hand out credentials.
 
 The check runs on the producer at submit and again on the worker before each POST, on fresh DNS
 answers: a name that resolved to a public address at submit may point elsewhere by the time the
-batch finishes.
+batch finishes. The POST then connects to an address that was checked (`connection`), so no later
+lookup can answer differently, and it follows no redirect.
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -120,3 +123,35 @@ def check_url(url: str, allowed_networks: tuple[Network, ...] = (), resolve=sock
             raise WebhookRefused(f"{shown} is {why}{hint}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return WebhookTarget(scheme, host, port, target, addresses)
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to the host's checked address, never to a fresh lookup of its name."""
+
+    def __init__(self, target: WebhookTarget, address: str, timeout_s: float):
+        super().__init__(target.host, target.port, timeout=timeout_s)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to the checked address; the certificate is still verified against the host's name."""
+
+    def __init__(self, target: WebhookTarget, address: str, timeout_s: float):
+        super().__init__(target.host, target.port, timeout=timeout_s, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def connection(target: WebhookTarget, address: str, timeout_s: float) -> http.client.HTTPConnection:
+    """An unopened http.client connection of `target` that will connect to `address` (one of the
+    checked `target.addresses`). http.client follows no redirects."""
+    if address not in target.addresses:
+        raise WebhookRefused(f"{address} is not an address checked for {target.host}")
+    cls = _CheckedHTTPSConnection if target.scheme == "https" else _CheckedHTTPConnection
+    return cls(target, address, timeout_s)

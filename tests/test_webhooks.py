@@ -3,13 +3,19 @@ batch is submitted (here) and again when a worker sends (tests below the send se
 from __future__ import annotations
 
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from farm import wait_for
 from producer.api import Farm, SubmitError
 from producer.cli import main
 from shared.settings import Settings, SettingsError
 from shared.webhook_policy import WebhookRefused, check_url, parse_allowed_networks
+from worker.webhooks import deliver, post_json
+
+SIMULATE = ("--simulate", "0.05")
 
 
 def refused_because(url: str, allowed: str = "") -> str:
@@ -104,3 +110,50 @@ def test_a_producer_whose_allow_list_names_the_network_accepts_the_private_hook(
     other = Farm(Settings.from_env({}, redis_url=redis_server), table={"runs": []})
     with pytest.raises(SubmitError, match="metadata"):
         other.submit(["a fox"], webhook="http://169.254.169.254/")
+
+
+# At send
+class _Hook(BaseHTTPRequestHandler):
+    paths: list = []
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.paths.append(self.path)
+        if self.path == "/moved":  # a redirect into somewhere else must not be followed
+            self.send_response(307)
+            self.send_header("Location", "/elsewhere")
+        else:
+            self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hook_server():
+    _Hook.paths = []
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_the_worker_checks_again_before_posting_and_never_calls_a_loopback_hook(
+        start_worker, farm_factory, file_storage_url, hook_server, monkeypatch):
+    # A producer allowed loopback hooks; the worker, as by default, allows none.
+    monkeypatch.setenv("ZFARM_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8")
+    worker = start_worker(file_storage_url, SIMULATE, ZFARM_WEBHOOK_ALLOWED_NETWORKS="")
+    batch = farm_factory(file_storage_url).submit(["one"], webhook=f"{hook_server}/done?token=s3cret")
+    refused = f"webhook for batch {batch.id} refused, not sent: 127.0.0.1 is a loopback address"
+    wait_for(lambda: refused in worker.output(), 60, what="the worker to refuse the webhook")
+    assert _Hook.paths == [] and "s3cret" not in worker.output()
+
+
+def test_a_checked_post_connects_to_the_checked_address_and_follows_no_redirect(hook_server):
+    allowed = parse_allowed_networks("127.0.0.1/32")
+    assert post_json(f"{hook_server}/done", {"batch_id": "b"}, 5, allowed) == 200
+    assert post_json(f"{hook_server}/moved", {"batch_id": "b"}, 5, allowed) == 307
+    assert _Hook.paths == ["/done", "/moved"]
+    assert deliver(f"{hook_server}/done", {"batch_id": "b"}, 5, tries=1, allowed_networks=()) is False
+    assert _Hook.paths == ["/done", "/moved"]

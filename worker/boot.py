@@ -287,7 +287,7 @@ class RegistryStep(bootsteps.StartStopStep):
     def _webhooks(self, settings):
         from worker.webhooks import deliver_finished
 
-        deliver_finished(self.client, settings.webhook_timeout_s)
+        deliver_finished(self.client, settings.webhook_timeout_s, settings.webhook_allowed_networks)
 
     def stop(self, c):
         for timer in self.timers:
