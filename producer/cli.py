@@ -19,7 +19,7 @@ import redis
 from producer.api import Farm, SubmitError, failure_reason, scale_advice
 from producer.files import DefaultsError, PromptFileError, parse_prompt_file
 from producer.progress import CountBar, Progress
-from shared import profiles
+from shared import profiles, redis_conn
 from shared.ledger import LedgerError
 from shared.schema import PRIORITIES, JobError, check_defaults
 from shared.settings import Settings, SettingsError
@@ -510,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, SubmitError, JobError, LedgerError, SettingsError, profiles.ProfileError) as exc:
         _say(f"zfarm: {exc}")
         return EXIT_USAGE
+    except redis.AuthenticationError as exc:  # a ConnectionError to redis-py, but no retry mends it
+        url = (args.redis_url if args is not None and args.redis_url else None) or Settings.from_env().redis_url
+        _say(f"zfarm: {redis_conn.auth_failure(_redact(url), urlparse(url).password is not None, exc)}")
+        return EXIT_UNAVAILABLE
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _say(f"zfarm: cannot reach Redis at {_redis_url_for_message(args)}: {exc}")
         return EXIT_UNAVAILABLE

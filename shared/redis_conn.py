@@ -4,9 +4,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from urllib.parse import urlparse
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.1, 2.0
@@ -71,6 +72,45 @@ class RetryFor(Retry):
                 if delay_s <= 0:
                     raise
                 time.sleep(delay_s)
+
+
+class RedisAuthError(RuntimeError):
+    """Raised when Redis refuses a URL's credentials (a wrong password, or none where one is needed):
+    a configuration error, never retried."""
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = f"{parsed.username or ''}:***@{parsed.hostname or ''}" + (f":{parsed.port}" if parsed.port else "")
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def auth_failure(shown_url: str, has_password: bool, error: Exception) -> str:
+    """What a refused login means, in words an operator can act on (not the raw AUTH or HELLO reply)."""
+    if not has_password:
+        return (f"authentication required: Redis at {shown_url} needs a password and ZFARM_REDIS_URL gives none "
+                "(redis://:PASSWORD@host:port/db)")
+    if "without any password configured" in str(error):
+        return f"authentication failed: ZFARM_REDIS_URL gives a password, but Redis at {shown_url} has none set"
+    return f"authentication failed: Redis at {shown_url} refused the user name and password of ZFARM_REDIS_URL"
+
+
+def check_credentials(url: str, timeout_s: float = 5.0) -> None:
+    """Raise RedisAuthError when Redis refuses this URL's credentials. An unreachable Redis is not this
+    function's concern: the caller retries on connection loss."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                  retry=Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise RedisAuthError(auth_failure(redact(url), urlparse(url).password is not None, exc)) from None
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass
+    finally:
+        client.close()
 
 
 def connect(url: str, retry_s: float = 60.0, on_retry=None) -> redis.Redis:

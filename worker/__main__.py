@@ -67,12 +67,29 @@ def main(argv=None) -> int:
     # SIGTERM runs Celery's soft shutdown (finish the job within the grace period or hand it back),
     # and pool processes ignore a SIGTERM sent to the whole process group. Read at billiard import.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from celery import signals
+
     from worker.app import app
+
+    signals.worker_shutdown.connect(_record_exit_code, weak=False)
 
     argv_celery = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
                    "--without-mingle", "--without-gossip"]
     app.worker_main(argv_celery)
-    return 0
+    return _worker_exit_code()
+
+
+_exit_codes: list = []
+
+
+def _record_exit_code(sender=None, **_):
+    _exit_codes.append(getattr(sender, "exitcode", None))
+
+
+def _worker_exit_code() -> int:
+    """The code the worker stopped with (78 when Redis refused its password, say). `celery worker`
+    exits with it, but `app.worker_main` drops it, so it is taken from the worker_shutdown signal."""
+    return next((code for code in reversed(_exit_codes) if isinstance(code, int)), 0)
 
 
 if __name__ == "__main__":

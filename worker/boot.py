@@ -32,6 +32,7 @@ from celery.worker import state as worker_state
 
 from shared import keys, profiles, registry
 from shared.schema import PRIORITIES
+from shared import redis_conn
 from shared.redis_conn import connect
 from worker import detect, model_source
 
@@ -134,6 +135,7 @@ def free_default_name(settings, boot) -> str:
 def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     from worker.app import settings, table
 
+    _stop_on_refused_credentials(settings.redis_url)
     try:
         boot = detect.detect(settings, table)
     except (profiles.ProfileError, ValueError) as exc:
@@ -168,6 +170,16 @@ def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
         log.info("cannot write %s (%s); health checks need ZFARM_WORKER_NAME", name_file(), exc)
     log.info("zfarm worker %s: %s, class %s, profile %s, max_pixels %d, %d queues",
              STATE.name, boot.gpu, boot.vram_class, boot.choice.profile, boot.choice.max_pixels, len(STATE.queues))
+
+
+def _stop_on_refused_credentials(url: str) -> None:
+    """A wrong Redis password is a configuration error: stop at once (exit 78) with a message, instead of
+    Celery's broker reconnect loop retrying it forever. An unreachable Redis is still waited for."""
+    try:
+        redis_conn.check_credentials(url)
+    except redis_conn.RedisAuthError as exc:
+        print(f"zfarm worker cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG)
 
 
 def on_worker_process_init(**_):
@@ -298,7 +310,12 @@ class RegistryStep(bootsteps.StartStopStep):
         self.stop(c)
         if self.client is not None:
             _hand_back_popped(self.client)
-            registry.deregister(self.client, STATE.name)
+            try:
+                registry.deregister(self.client, STATE.name)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # refused credentials included
+                log.warning("zfarm worker %s could not deregister (%s); its entry expires with its TTL",
+                            STATE.name, exc)
+                return
             log.info("zfarm worker %s deregistered", STATE.name)
 
 

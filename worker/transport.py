@@ -25,16 +25,20 @@ import binascii
 import json
 import logging
 import math
+import sys
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from shared import keys
+from shared import keys, redis_conn
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
 
 log = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits EX_CONFIG, as worker.boot: the worker cannot run as configured
 
 # Items above this are not opened at all; a valid job message is under 100 KB (the job itself is at
 # most schema.WIRE_MAX_BYTES), so nothing this large can be one.
@@ -234,12 +238,29 @@ class QoS(kombu_redis.QoS):
         self.channel._popped = None
 
 
+def stop_on_refused_credentials(kombu_connection, error: Exception) -> None:
+    """Redis refused the broker URL's credentials (a password rotated under a running worker, say):
+    a configuration error, so stop the process with exit 78 and say why. kombu counts it a connection
+    error (redis-py's AuthenticationError is one) and Celery would retry it forever. Celery's worker
+    stops with a SystemExit's code."""
+    message = redis_conn.auth_failure(kombu_connection.as_uri(), kombu_connection.password is not None, error)
+    log.critical("zfarm worker stops: %s", message)
+    print(f"zfarm: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EX_CONFIG)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _popped: tuple[bytes, bytes] | None = None
     # (socket, the server's id for it, None where the server refused to say) of the connection BRPOP
     # blocks on; a reconnect makes a new socket, whose id is asked again.
     _blocking_client: tuple[object, int | None] | None = None
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)  # kombu PINGs here, on every (re)connect
+        except redis.AuthenticationError as exc:
+            stop_on_refused_credentials(self.connection.client, exc)
 
     def _brpop_start(self, timeout=None):
         self._push_back_unrecorded()
