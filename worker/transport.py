@@ -10,8 +10,9 @@ to die on. Other shapes are dropped without a trace in the pool, or run what a q
 So every item is checked here against the one message zfarm sends (`shared.wire`): JSON only,
 the `zfarm.render` task, known headers of the right types (a time limit is capped below the
 visibility timeout), a body of exactly `[[], {"job": ...}, {}]`. An item that fails is never delivered: when
-its body names a job of a batch on record, that job is failed with the reason; otherwise the item
-is recorded in the ledger's rejected list. Either way the worker goes on. The job inside a valid
+it is the own message of a job of a batch on record (its body names the job and its task id is one the
+farm gives that job's messages), that job is failed with the reason; otherwise the item is recorded in
+the ledger's rejected list and no job is touched. Either way the worker goes on. The job inside a valid
 envelope is validated again by the task (`Job.from_wire`).
 
 `Channel.wake()` ends a BRPOP in flight at once (CLIENT UNBLOCK, Redis >= 5), so queues added while
@@ -193,6 +194,12 @@ def is_checked_queue(queue: str) -> bool:
     return keys.parse_queue(queue) is not None or queue.startswith(keys.QUEUE_PREFIX + ".")
 
 
+def message_task_id(payload):
+    """The task id a refused envelope claims (headers.id), whatever its type, or None."""
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    return headers.get("id") if isinstance(headers, dict) else None
+
+
 def named_job(payload):
     """The `job` object a refused envelope's body carries, if its body can be read as JSON at all
     (whatever content type it claims: JSON is parsed, never anything else)."""
@@ -353,10 +360,12 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             ledger = Ledger(client)
             reason = {"kind": "invalid", "field": "message", "message": problem}
-            if ledger.fail_invalid(named_job(payload), reason):
+            task_id = message_task_id(payload)
+            if ledger.fail_invalid_message(named_job(payload), reason, task_id):
                 log.warning("failed the job named by a queue item from %s: %s", queue, problem)
                 return
-            ledger.reject(problem, {"queue": queue, "body_prefix": repr(item[:200])})
+            ledger.reject(problem, {"queue": queue, "task_id": task_id if isinstance(task_id, str) else None,
+                                    "body_prefix": repr(item[:200])})
         log.warning("dropped a queue item from %s: %s", queue, problem)
 
 
