@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from farm import REPO, RedisServer, free_port, wait_for
 from farm_fixtures import TEST_TABLE

@@ -96,7 +96,7 @@ def test_zfarm_submit_refuses_a_webhook_to_the_redis_port_and_queues_nothing(red
     code = main(["--redis-url", redis_server, "submit", str(path), "--webhook", f"http://127.0.0.1:{port}/"])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
-    assert err == (f"zfarm: webhook refused: 127.0.0.1 is a loopback address; ZFARM_WEBHOOK_ALLOWED_NETWORKS "
+    assert err == ("zfarm: webhook refused: 127.0.0.1 is a loopback address; ZFARM_WEBHOOK_ALLOWED_NETWORKS "
                    "lists private networks hooks may reach; nothing was queued\n")
     assert redis_client.keys("zfarm*") == []
 
