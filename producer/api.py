@@ -11,28 +11,29 @@ No torch, no Celery: messages are built by `shared.wire`.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
-from urllib.parse import urlparse
 
 from producer.files import PromptEntry, source_name, validate_records
-from shared import keys, profiles, registry, routing
-from shared.errors import SubmitError
+from shared import keys, profiles, registry, routing, webhook_policy
+from shared.errors import SubmitConflict, SubmitError
 from shared.ledger import Ledger
 from shared.redis_conn import connect
-from shared.schema import PRIORITIES, Job, JobSpec, check_id, check_name, new_batch_id
+from shared.schema import PRIORITIES, SPEC_FIELDS, Job, JobSpec, check_id, check_name, new_batch_id
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.wire import render_message
 
 # The soft limit leaves the task this long to clean up (free memory, report) before the hard kill.
 SOFT_LIMIT_MARGIN_S = 10.0
-WEBHOOK_MAX_CHARS = 2000
 # Polling cadence of `Batch.wait`: quick at first, so short batches return promptly, then gentle.
 POLL_FIRST_S, POLL_MAX_S, POLL_GROWTH = 0.2, 2.0, 1.5
 # How many oversized jobs a refusal lists by name before summarising.
@@ -43,23 +44,27 @@ DOWNLOAD_THREADS = 8
 _RESULT_NAME = re.compile(r"^(?P<batch>[A-Za-z0-9_-]+)/(?P<index>\d{6})\.(?P<ext>png|json)$")
 
 
-
-
 class Farm:
     """A connection to one zfarm deployment: its Redis, its result storage, its profile table."""
 
     def __init__(self, settings: Settings, redis_client=None, table: dict | None = None,
-                 redis_retry_s: float = 60.0):
+                 redis_retry_s: float | None = None, on_redis_retry=None):
+        """`redis_retry_s` (default: the producer_redis_retry_s setting) is how long a Redis command is
+        retried while Redis is unreachable; `on_redis_retry(error, retry_s)` hears of each such wait."""
         self.settings = settings
-        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, redis_retry_s)
+        retry_s = settings.producer_redis_retry_s if redis_retry_s is None else redis_retry_s
+        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, retry_s,
+                                                                           on_redis_retry)
         self.table = profiles.load_table(settings.profile_table) if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None
 
     @classmethod
-    def from_env(cls, *, table: dict | None = None, redis_retry_s: float = 60.0, **overrides) -> "Farm":
+    def from_env(cls, *, table: dict | None = None, redis_retry_s: float | None = None, on_redis_retry=None,
+                 **overrides) -> "Farm":
         """Settings from the ZFARM_* environment, with `overrides` (e.g. redis_url=...) on top."""
-        return cls(Settings.from_env(**overrides), table=table, redis_retry_s=redis_retry_s)
+        return cls(Settings.from_env(**overrides), table=table, redis_retry_s=redis_retry_s,
+                   on_redis_retry=on_redis_retry)
 
     @property
     def storage(self):
@@ -76,7 +81,9 @@ class Farm:
         defaults were applied when the file was parsed).
 
         `source` is the prompt file's name, kept (base name only) in the batch metadata.
-        Resubmitting with a used idempotency key (or `name`) returns the earlier batch, `created` False."""
+        Resubmitting with a used idempotency key (or `name`) and the same content returns the earlier
+        batch, `created` False; with other content (jobs, priority, webhook; seeds drawn at random aside)
+        it raises SubmitConflict naming the differences."""
         if priority not in PRIORITIES:
             raise SubmitError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         if name is not None:
@@ -84,16 +91,19 @@ class Farm:
         if idempotency_key is not None:
             check_name(idempotency_key, "idempotency_key")
         if webhook:
-            _check_webhook(webhook)
+            _check_webhook(webhook, self.settings.webhook_allowed_networks)
         source_label = _source_label(source)
         entries = _entries(jobs_or_specs, defaults, source_label)
         idem = idempotency_key or (f"name:{name}" if name else "")
+        content_sha256 = _content_sha256(entries, priority, webhook)
+        resubmission = _Resubmission(f"idempotency key {idempotency_key!r}" if idempotency_key else f"name {name!r}",
+                                     content_sha256, entries, priority, webhook, source_label)
 
         if idem:
             # Answer a resubmission before judging it against today's workers: it was accepted once.
             earlier = self.redis.get(keys.idempotency(idem))
             if earlier:
-                return Batch(self, earlier.decode(), created=False)
+                return self._resubmitted(earlier.decode(), resubmission)
 
         max_pixels = profiles.max_pixels_by_class(self.table)
         tiers = [routing.tier_for_pixels(e.spec.pixels, max_pixels) for e in entries]
@@ -119,6 +129,8 @@ class Farm:
         meta = {"name": name or "", "priority": priority, "created_at": now, "total": len(jobs),
                 "storage_url": self.settings.storage_url, "webhook": webhook or "",
                 "idempotency_key": idem, "source": source_label, "lane": lane,
+                "content_sha256": content_sha256,
+                "seeds_drawn": _index_ranges([i for i, e in enumerate(entries) if e.seed_drawn]),
                 "work_units": round(sum(routing.work_units(j.spec.pixels, j.spec.steps) for j in jobs), 3)}
         # Push in the order workers serve queues (largest tier first): a worker blocked on several
         # queues is handed the first list the transaction pushes to, not the first it named. Within
@@ -129,8 +141,22 @@ class Farm:
                  for (queue, _), job in zip(queued, jobs)]
         queued = [queued[i] for i in sorted(range(len(queued)), key=order.__getitem__)]
         batch_id, created = self.ledger.create_batch(batch_id, meta, jobs, queued, idem)
-        return Batch(self, batch_id, created=created, live_workers=len(live),
-                     queues=_count_queues(queued) if created else {})
+        if not created:  # a concurrent submit took the name or key first
+            return self._resubmitted(batch_id, resubmission)
+        return Batch(self, batch_id, created=created, live_workers=len(live), queues=_count_queues(queued))
+
+    def _resubmitted(self, batch_id: str, again: "_Resubmission") -> "Batch":
+        """The earlier batch of a name or key used again, when the content is the same; else
+        SubmitConflict naming the differences. Seeds drawn at random on either side are not compared."""
+        meta = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.batch_meta(batch_id)).items()}
+        if meta.get("content_sha256") != again.content_sha256:
+            differences = _differences(meta, self.ledger.jobs(batch_id), again)
+            if differences:
+                raise SubmitConflict(
+                    f"{again.label} was used for batch {batch_id}, with different content: "
+                    + "; ".join(differences) + ". Nothing was queued; submit under another name or key, "
+                    f"or follow batch {batch_id}")
+        return Batch(self, batch_id, created=False)
 
     def _pick_lane(self, priority: str, tiers: list[str], live: list[dict]) -> int:
         """The lane of this priority with the fewest queued messages over the batch's tiers
@@ -189,6 +215,9 @@ class Batch:
     def wait(self, timeout_s: float | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
         """Poll until every job is final or `timeout_s` passes; returns the last status, whose
         `finished` says which."""
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                                          and timeout_s >= 0):
+            raise ValueError(f"timeout_s must be a finite number of seconds >= 0 or None, got {timeout_s!r}")
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         delay_s = POLL_FIRST_S
         while True:
@@ -250,11 +279,91 @@ def _entries(items: Iterable, defaults: dict | None, source_label: str) -> list[
     return validate_records(records, source_label or "jobs", defaults)
 
 
-def _check_webhook(url: str) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc or len(url) > WEBHOOK_MAX_CHARS:
-        raise SubmitError(f"webhook must be an http(s) URL of at most {WEBHOOK_MAX_CHARS} characters, "
-                          f"got {url[:80]!r}")
+@dataclass(frozen=True)
+class _Resubmission:
+    label: str            # "name 'x'" or "idempotency key 'k'", for messages
+    content_sha256: str
+    entries: list
+    priority: str
+    webhook: str | None
+    source_label: str
+
+
+def _content_sha256(entries: list[PromptEntry], priority: str, webhook: str | None) -> str:
+    """What makes two submissions the same batch: every job (a seed drawn at random left out), the
+    priority and the webhook."""
+    jobs = [{**e.spec.to_dict(), "seed": None if e.seed_drawn else e.spec.seed} for e in entries]
+    text = json.dumps({"jobs": jobs, "priority": priority, "webhook": webhook or ""}, sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _index_ranges(indexes: list[int]) -> str:
+    """Sorted indexes as compact ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], None
+    for i, index in enumerate(indexes):
+        if start is None:
+            start = index
+        if i + 1 == len(indexes) or indexes[i + 1] != index + 1:
+            parts.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(parts)
+
+
+def _parse_index_ranges(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def _shown(value) -> str:
+    return repr(value)[:60] if isinstance(value, str) else str(value)
+
+
+def _differences(meta: dict, stored_jobs: dict[int, dict], again: _Resubmission) -> list[str]:
+    """What differs between a stored batch and a resubmission, one entry per option or job field
+    (with how many jobs differ in it and the first of them)."""
+    out = []
+    if meta.get("priority", "normal") != again.priority:
+        out.append(f"priority: {meta.get('priority', 'normal')} there, {again.priority} here")
+    if meta.get("webhook", "") != (again.webhook or ""):
+        out.append("webhook: a different URL")  # never printed: it may carry a token
+    if len(stored_jobs) != len(again.entries):
+        out.append(f"jobs: {len(stored_jobs)} there, {len(again.entries)} here")
+    # A batch stored before seeds_drawn was recorded: its seeds cannot be told drawn from given.
+    drawn_there = _parse_index_ranges(meta["seeds_drawn"]) if "seeds_drawn" in meta else None
+    by_field: dict[str, list] = {}
+    for index, entry in enumerate(again.entries):
+        if index not in stored_jobs:
+            break
+        there, here = stored_jobs[index].get("spec", {}), entry.spec.to_dict()
+        for name in SPEC_FIELDS:
+            a, b = there.get(name), here[name]
+            if name == "seed":
+                if drawn_there is None:
+                    continue
+                a = "drawn at random" if index in drawn_there else a
+                b = "drawn at random" if entry.seed_drawn else b
+            if a != b:
+                by_field.setdefault(name, []).append((index, entry.line, a, b))
+    for name in SPEC_FIELDS:
+        if name in by_field:
+            index, line, a, b = by_field[name][0]
+            where = f"{again.source_label}:{line}" if again.source_label else f"job {index}"
+            count = len(by_field[name])
+            first = f"{where}: {_shown(a)} there, {_shown(b)} here"
+            out.append(f"{name}: {first}" if count == 1 else f"{name} differs in {count} jobs, first {first}")
+    return out
+
+
+def _check_webhook(url: str, allowed_networks: str) -> None:
+    """Refuse a webhook the workers may not call (shared.webhook_policy), before anything is queued."""
+    try:
+        webhook_policy.check_url(url, webhook_policy.parse_allowed_networks(allowed_networks))
+    except webhook_policy.WebhookRefused as exc:
+        raise SubmitError(f"webhook refused: {exc}; nothing was queued") from None
 
 
 def _worker_max_pixels(worker: dict) -> int:

@@ -19,9 +19,9 @@ import redis
 from producer.api import Farm, failure_reason, scale_advice
 from producer.files import parse_prompt_file
 from producer.progress import CountBar, Progress
-from shared import profiles
-from shared.errors import PromptFileError, StorageError, UsageError, ZfarmError
-from shared.schema import PRIORITIES
+from shared import profiles, redis_conn
+from shared.errors import DefaultsError, PromptFileError, StorageError, UsageError, ZfarmError
+from shared.schema import PRIORITIES, check_defaults
 from shared.settings import Settings
 
 EXIT_OK = 0
@@ -29,9 +29,6 @@ EXIT_FAILED = 1       # wait: some job failed or was cancelled
 EXIT_USAGE = 2        # bad input, refused submission; wait: timed out
 EXIT_UNAVAILABLE = 3  # Redis or storage unreachable
 EXIT_TIMEOUT = 2
-# Short commands give up on an unreachable Redis sooner than a long `wait`, which rides out restarts.
-SHORT_REDIS_RETRY_S = 10.0
-WAIT_REDIS_RETRY_S = 60.0
 FAILURES_SHOWN = 20
 STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
                  "done", "failed", "cancelled")
@@ -44,11 +41,21 @@ GLOBAL_OPTIONS = ("--redis-url", "--storage-url")
 
 
 
+def _duration_arg(text: str) -> float:
+    """A positive, finite duration for argparse, checked before anything is queued or waited on."""
+    from shared.capacity import parse_duration_s
+
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zfarm", description="Render farm for Z-Image-Turbo: queue prompt files, follow and collect batches.",
         epilog="exit codes: 0 ok; 1 jobs failed or were cancelled (wait); 2 bad input, refused, or timed out "
-               "(wait); 3 Redis or storage unreachable")
+               "(wait); 3 Redis or storage unreachable (Redis after ZFARM_PRODUCER_REDIS_RETRY_S of retrying, 60 s by default)")
     parser.add_argument("--redis-url", help="overrides ZFARM_REDIS_URL")
     parser.add_argument("--storage-url", help="overrides ZFARM_STORAGE_URL")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,14 +69,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="the same seed for every job (default: one drawn per job)")
     p.add_argument("--negative-prompt")
     p.add_argument("--priority", choices=PRIORITIES, default="normal")
-    p.add_argument("--name", help="batch name; submitting the same name again returns the first batch")
-    p.add_argument("--idempotency-key", help="submitting the same key again returns the first batch")
-    p.add_argument("--webhook", help="URL called when the batch finishes")
+    p.add_argument("--name", help="batch name; the same name and content again returns the first batch, "
+                                  "other content is refused as a conflict")
+    p.add_argument("--idempotency-key", help="as --name: the same key and content again returns the first batch")
+    p.add_argument("--webhook", help="http(s) URL POSTed the final status when the batch finishes; its host must "
+                                     "resolve to public addresses (ZFARM_WEBHOOK_ALLOWED_NETWORKS allows private ones)")
     p.add_argument("--allow-pending", action="store_true",
                    help="queue jobs larger than every live worker renders, for a worker yet to come")
     p.add_argument("--wait", action="store_true", help="wait for the batch to finish")
     p.add_argument("--out", help="with --wait: collect results into this folder")
-    p.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    p.add_argument("--timeout", type=_duration_arg,
+                   help="with --wait: give up after this long (seconds, or 90s, 45m, 2h)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
 
@@ -80,7 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wait", help="wait for a batch: exit 0 all done, 1 some failed/cancelled, 2 timeout")
     p.add_argument("batch")
-    p.add_argument("--timeout", type=float)
+    p.add_argument("--timeout", type=_duration_arg, help="give up after this long (seconds, or 90s, 45m, 2h)")
     p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("collect", help="download results, manifest.jsonl and an index.html contact sheet")
@@ -166,8 +176,13 @@ def run_passthrough(args, command: str, rest: list[str]) -> int:
 
 
 # Helpers
-def _farm(args, redis_retry_s: float = SHORT_REDIS_RETRY_S) -> Farm:
-    return Farm.from_env(redis_url=args.redis_url, storage_url=args.storage_url, redis_retry_s=redis_retry_s)
+def _farm(args) -> Farm:
+    """Every command rides out a Redis restart for ZFARM_PRODUCER_REDIS_RETRY_S, saying so while it waits."""
+    def waiting(error, retry_s: float) -> None:
+        _say(f"zfarm: Redis at {_redis_url_for_message(args)} is unreachable ({error}); retrying for up to "
+             f"{retry_s:g} s (ZFARM_PRODUCER_REDIS_RETRY_S)")
+
+    return Farm.from_env(redis_url=args.redis_url, storage_url=args.storage_url, on_redis_retry=waiting)
 
 
 def _say(message: str) -> None:
@@ -242,13 +257,17 @@ def cmd_submit(args) -> int:
         raise UsageError("--out and --timeout need --wait")
     defaults = {"width": args.width, "height": args.height, "steps": args.steps, "guidance": args.guidance,
                 "seed": args.seed, "negative_prompt": args.negative_prompt}
+    # A bad flag is one error, named by its flag, before the file is read at all.
+    bad_flags = check_defaults(defaults)
+    if bad_flags:
+        raise DefaultsError(bad_flags)
     bar = CountBar("validating")
     try:
         entries = parse_prompt_file(args.file, {k: v for k, v in defaults.items() if v is not None},
                                     on_progress=bar)
     finally:
         bar.close()
-    farm = _farm(args, WAIT_REDIS_RETRY_S if args.wait else SHORT_REDIS_RETRY_S)
+    farm = _farm(args)
     batch = farm.submit(entries, priority=args.priority, name=args.name, idempotency_key=args.idempotency_key,
                         webhook=args.webhook, allow_pending=args.allow_pending, source=args.file)
     result = {"batch_id": batch.id, "jobs": len(entries), "created": batch.created, "priority": args.priority,
@@ -301,7 +320,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_wait(args) -> int:
-    status = _wait(_farm(args, WAIT_REDIS_RETRY_S).batch(args.batch), args.timeout)
+    status = _wait(_farm(args).batch(args.batch), args.timeout)
     return _exit_for(status)
 
 
@@ -337,12 +356,22 @@ def cmd_workers(args) -> int:
     for w in workers:
         row = [w.get(f) for f in WORKER_FIELDS]
         if tty and w.get("last_seen"):
-            row[-1] = f"{max(0.0, time.time() - float(w['last_seen'])):.0f} s ago"
+            row[-1] = _age(time.time() - float(w["last_seen"]))
         rows.append(row)
     _print_table(list(WORKER_FIELDS), rows, tty)
     if tty and not workers:
         _say("no live workers")
     return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    """How long ago, as a person reads it: '3 s ago', '4 min ago', '2 h ago'."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
 
 
 def _duration(seconds: float | None) -> str:
@@ -430,6 +459,11 @@ def cmd_demo(args) -> int:
     return demo.run(args.dir, redis_url=args.redis_url, storage_url=args.storage_url)
 
 
+def _flag(field_name: str) -> str:
+    """The command-line flag that sets a job field's default: negative_prompt -> --negative-prompt."""
+    return "--" + field_name.replace("_", "-")
+
+
 def _redact(url: str) -> str:
     """A Redis URL without its password, for error messages."""
     parsed = urlparse(url)
@@ -455,6 +489,11 @@ def _report(exc: ZfarmError) -> int:
         if exc.more:
             _say(f"  ... and {exc.more} more")
         return EXIT_USAGE
+    if isinstance(exc, DefaultsError):
+        for error in exc.errors:
+            _say(f"zfarm: {_flag(error.field)}: {error.message}")
+        _say("zfarm: nothing was queued")
+        return EXIT_USAGE
     if isinstance(exc, StorageError):
         _say(f"zfarm: storage: {exc}")
         return EXIT_UNAVAILABLE
@@ -478,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ZfarmError as exc:
         return _report(exc)
+    except redis.AuthenticationError as exc:  # a ConnectionError to redis-py, but no retry mends it
+        url = (args.redis_url if args is not None and args.redis_url else None) or Settings.from_env().redis_url
+        _say(f"zfarm: {redis_conn.auth_failure(_redact(url), urlparse(url).password is not None, exc)}")
+        return EXIT_UNAVAILABLE
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _say(f"zfarm: cannot reach Redis at {_redis_url_for_message(args)}: {exc}")
         return EXIT_UNAVAILABLE

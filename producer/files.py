@@ -10,12 +10,13 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from shared.errors import PromptFileError
-from shared.schema import SPEC_FIELDS, JobError, JobSpec
+from shared.errors import DefaultsError, DuplicateKey, PromptFileError
+from shared.schema import SPEC_FIELDS, JobError, JobSpec, check_defaults
 
 MAX_ERRORS = 20
 SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -42,6 +43,7 @@ class PromptEntry:
 
     line: int
     spec: JobSpec
+    seed_drawn: bool = False  # no seed was given, so one was drawn: a resubmission may draw another
 
 
 class _Errors:
@@ -78,21 +80,57 @@ def _text_records(text: str) -> Iterator[tuple[int, object]]:
 
 
 class _NotJson:
-    def __init__(self, message: str):
+    def __init__(self, message: str, field: str = "json"):
         self.message = message
+        self.field = field
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _jsonl_records(text: str) -> Iterator[tuple[int, object]]:
+    """Each line's object as JSON typed it: the schema refuses a value of the wrong type (a width
+    of "512" is text, not a number) rather than converting it."""
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             # NaN and Infinity parse here and are refused by the schema, which names the field.
-            yield number, json.loads(raw)
+            yield number, json.loads(raw, object_pairs_hook=_object_without_duplicates)
         except json.JSONDecodeError as exc:
             yield number, _NotJson(f"not valid JSON: {exc.msg} at column {exc.colno}")
+        except DuplicateKey as exc:
+            yield number, _NotJson("appears twice in one object; give each field once", field=exc.key[:40])
         except RecursionError:
             yield number, _NotJson("not valid JSON: nested too deeply")
+
+
+# CSV cells are text; these columns hold numbers, parsed here (the schema takes no text for them).
+_INT_COLUMNS = ("width", "height", "steps", "seed")
+_FLOAT_COLUMNS = ("guidance",)
+_INT_TEXT = re.compile(r"[+-]?\d+")
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _csv_cell(column: str, text: str):
+    """A cell as the value of its column: numbers parsed, an empty number cell absent (None), text
+    that is no number left as text, for the schema to refuse with the type it expects."""
+    if column not in _INT_COLUMNS + _FLOAT_COLUMNS:
+        return text
+    stripped = text.strip()
+    if not stripped:
+        return None
+    if column in _INT_COLUMNS and _INT_TEXT.fullmatch(stripped):
+        return int(stripped)
+    if column in _FLOAT_COLUMNS and _FLOAT_TEXT.fullmatch(stripped):
+        return float(stripped)  # nan and inf too: the schema refuses them, naming the field
+    return text
 
 
 def _csv_records(text: str, errors: _Errors) -> Iterator[tuple[int, object]]:
@@ -129,7 +167,7 @@ def _csv_records(text: str, errors: _Errors) -> Iterator[tuple[int, object]]:
             continue
         if not any((v or "").strip() for v in row.values()):
             continue  # a blank row, as spreadsheets leave at the end
-        yield number, {k: v for k, v in row.items() if v is not None}
+        yield number, {k: _csv_cell(k, v) for k, v in row.items() if v is not None}
 
 
 def validate_records(records: Iterable[tuple[int, object]], name: str, defaults: dict | None = None,
@@ -137,6 +175,9 @@ def validate_records(records: Iterable[tuple[int, object]], name: str, defaults:
     """Validate (line, raw dict) pairs into entries, or raise PromptFileError listing every bad one.
 
     `on_progress(done, total)` is told how far validation got, when the records are a list."""
+    bad_defaults = check_defaults(defaults)
+    if bad_defaults:
+        raise DefaultsError(bad_defaults)
     errors = errors or _Errors(name)
     entries = []
     total = len(records) if isinstance(records, list) else 0
@@ -144,12 +185,15 @@ def validate_records(records: Iterable[tuple[int, object]], name: str, defaults:
         if on_progress is not None and total:
             on_progress(done, total)
         if isinstance(raw, _NotJson):
-            errors.add(number, "json", raw.message)
+            errors.add(number, raw.field, raw.message)
             continue
         try:
-            entries.append(PromptEntry(number, JobSpec.from_dict(raw, defaults)))
+            spec = JobSpec.from_dict(raw, defaults)
         except JobError as exc:
             errors.add(number, exc.field, exc.message)
+            continue
+        drawn = raw.get("seed") is None and (defaults or {}).get("seed") is None
+        entries.append(PromptEntry(number, spec, seed_drawn=drawn))
     errors.raise_if_any()
     if not entries:
         raise PromptFileError([FileError(name, 0, "file", "holds no prompts")])

@@ -126,9 +126,13 @@ def parse_duration_s(text: str) -> float:
     if not text:
         raise ValueError("empty duration")
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"duration {text!r} must be a positive number of seconds")
+        return seconds
     total, number = 0.0, ""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     for ch in text:

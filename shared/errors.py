@@ -48,12 +48,44 @@ class PromptFileError(ZfarmError, ValueError):
         return str(self.errors[0]) + (f" (and {rest} more error(s))" if rest else "")
 
 
+class DefaultsError(ZfarmError, ValueError):
+    """Raised when a default meant for every job (a CLI flag, the API's `defaults`) is invalid.
+    `errors` holds one JobError per bad field, reported once rather than on every line."""
+
+    def __init__(self, errors: list):
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors) + "; nothing was queued")
+
+
+class DuplicateKey(ZfarmError, ValueError):
+    """Raised when a JSON object names one key twice (JSON parsers keep the last silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class WebhookRefused(ZfarmError, ValueError):
+    """Raised when a webhook URL is not http(s), names no host, cannot be resolved, or resolves to an
+    address webhooks may not reach (loopback, link-local, private, metadata...)."""
+
+
 class SubmitError(ZfarmError, ValueError):
     """Raised when a submission is refused before anything was queued (a bad option, a job no worker
     can render)."""
 
 
+class SubmitConflict(SubmitError):
+    """Raised when a batch name or idempotency key already used is submitted again with other content
+    (jobs, priority or webhook); the message names the differences."""
+
+
 # Queue state and storage
+class RedisAuthError(ZfarmError, RuntimeError):
+    """Raised when Redis refuses a URL's credentials (a wrong password, or none where one is needed):
+    a configuration error, never retried."""
+
+
 class LedgerError(ZfarmError, RuntimeError):
     """Raised when a batch is unknown or a transition is impossible."""
 

@@ -8,6 +8,7 @@ counted once.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -15,7 +16,7 @@ import redis
 
 from shared import keys, lua
 from shared.errors import LedgerError
-from shared.schema import Job, JobError, check_id
+from shared.schema import Job, JobError, check_id, job_id
 from shared.wire import render_message
 
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -37,6 +38,21 @@ def job_ref(raw_job) -> tuple[str, int] | None:
         return check_id(raw_job.get("batch_id")), index
     except JobError:
         return None
+
+
+# What follows a job's id in the task id of its own messages: nothing (submitted), -r<n> (queued
+# again by requeue_failed), -lost-<8 hex> (queued again by requeue_lost).
+_OWN_MESSAGE_SUFFIX = re.compile(r"(-r[1-9][0-9]{0,8}|-lost-[0-9a-f]{8})?")
+
+
+def is_own_message_id(task_id, batch_id: str, index: int) -> bool:
+    """Whether `task_id` is one the farm gives the messages of job `index` of `batch_id`:
+    `job_id(batch_id, index)` when submitted, `{job_id}-r{n}` when retried, `{job_id}-lost-{hex}` when
+    queued again after its message was lost."""
+    if not isinstance(task_id, str):
+        return False
+    base = job_id(batch_id, index)
+    return task_id.startswith(base) and _OWN_MESSAGE_SUFFIX.fullmatch(task_id[len(base):]) is not None
 
 
 class Ledger:
@@ -284,6 +300,16 @@ class Ledger:
             return self.finish(ref[0], ref[1], "failed", reason)
         except LedgerError:
             return False  # no such batch or job: the message is junk, not a job
+
+    def fail_invalid_message(self, raw_job, reason: dict, task_id) -> bool:
+        """`fail_invalid` for a message that failed validation, but only when it is the named job's own
+        message (`is_own_message_id`). A message under any other id must not fail the job: the job's
+        own, valid message may still be queued and would then be skipped. False: the caller records
+        the message as rejected."""
+        ref = job_ref(raw_job)
+        if ref is None or not is_own_message_id(task_id, *ref):
+            return False
+        return self.fail_invalid(raw_job, reason)
 
     def state(self, batch_id: str, index: int) -> str | None:
         """running, done, failed or cancelled; None while queued (or when there is no such job)."""

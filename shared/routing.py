@@ -52,6 +52,12 @@ def is_job_queue(name: str) -> bool:
     return parse_queue(name) is not None
 
 
+def is_zfarm_queue(name: str) -> bool:
+    """Whether `name` is one of zfarm's queues: a job queue or the holding queue. Celery's own queues
+    (`<uuid>.reply.celery.pidbox`, broadcast) are not."""
+    return is_job_queue(name) or name.startswith(QUEUE_PREFIX + ".")
+
+
 # Size tiers
 def tier_ceilings(max_pixels: dict) -> dict[str, int]:
     """Every size tier the table implies, with the largest job it holds, smallest tier first.

@@ -33,17 +33,30 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 
+def describe_json_value(value) -> str:
+    """A value as an error message names it, in JSON's words: 'the string \'512\'', 'an array'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r:.60}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r:.40}"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def _int_field(raw: dict, name: str, lo: int, hi: int, default) -> int:
     value = raw.get(name, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise JobError(name, f"must be an integer, got {type(value).__name__}")
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise JobError(name, f"must be an integer, got {value!r}")
-        value = int(text)
+    # No text is read as a number here: text files parse their own cells (producer.files).
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError(name, f"must be an integer, got {describe_json_value(value)}")
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
             raise JobError(name, f"must be an integer, got {value!r}")
@@ -55,13 +68,8 @@ def _int_field(raw: dict, name: str, lo: int, hi: int, default) -> int:
 
 def _float_field(raw: dict, name: str, lo: float, hi: float, default: float) -> float:
     value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise JobError(name, f"must be a number, got {type(value).__name__}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise JobError(name, f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError(name, f"must be a number, got {describe_json_value(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise JobError(name, f"must be a finite number, got {value!r}")
@@ -77,7 +85,7 @@ def _text_field(raw: dict, name: str, required: bool) -> str:
             raise JobError(name, "is required")
         value = ""
     if not isinstance(value, str):
-        raise JobError(name, f"must be a string, got {type(value).__name__}")
+        raise JobError(name, f"must be a string, got {describe_json_value(value)}")
     if len(value) > PROMPT_MAX_CHARS:
         raise JobError(name, f"is {len(value)} characters; at most {PROMPT_MAX_CHARS}")
     if "\x00" in value:
@@ -119,7 +127,8 @@ class JobSpec:
         if unknown:
             raise JobError(unknown[0], f"unknown field (known: {', '.join(SPEC_FIELDS)})")
         merged = {k: v for k, v in (defaults or {}).items() if v is not None}
-        merged.update({k: v for k, v in raw.items() if v is not None and v != ""} )
+        # null means "not given"; any other value is taken as it is, of the type its field needs.
+        merged.update({k: v for k, v in raw.items() if v is not None})
         if "prompt" in raw:
             merged["prompt"] = raw["prompt"]
         seed = _int_field(merged, "seed", 0, SEED_MAX, None)
@@ -139,6 +148,23 @@ class JobSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_defaults(defaults: dict | None) -> list[JobError]:
+    """The errors of defaults meant for every job (the CLI's flags), each field judged on its own: a
+    bad default is one error naming its field, not one error per job it would break."""
+    errors = []
+    for name, value in (defaults or {}).items():
+        if value is None:
+            continue
+        if name not in SPEC_FIELDS or name == "prompt":
+            errors.append(JobError(name, f"is not a field with a default (fields: {', '.join(SPEC_FIELDS[1:])})"))
+            continue
+        try:
+            JobSpec.from_dict({"prompt": "a default's check", name: value})
+        except JobError as exc:
+            errors.append(exc)
+    return errors
 
 
 def check_id(value, field_name: str = "batch_id") -> str:

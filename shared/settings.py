@@ -34,6 +34,11 @@ class Settings:
     redis_url: str = _env_field(
         "ZFARM_REDIS_URL", "redis://localhost:6379/0",
         "Broker and state store for jobs, batches and the worker registry.")
+    producer_redis_retry_s: float = _env_field(
+        "ZFARM_PRODUCER_REDIS_RETRY_S", 60.0,
+        "How long a zfarm command (and the Python API) retries a Redis command while Redis is unreachable, "
+        "as during a restart, with backoff up to 2 s between tries, before it gives up (exit 3). A wrong "
+        "password is not retried.", float)
     storage_url: str = _env_field(
         "ZFARM_STORAGE_URL", "file://./zfarm-results",
         "Where results land: s3://bucket/prefix or file:///abs/dir.")
@@ -97,6 +102,12 @@ class Settings:
         "Safety factor on the slowest measured speed when deriving job time limits.", float)
     webhook_timeout_s: float = _env_field(
         "ZFARM_WEBHOOK_TIMEOUT_S", 10.0, "Timeout of one webhook call.", float)
+    webhook_allowed_networks: str = _env_field(
+        "ZFARM_WEBHOOK_ALLOWED_NETWORKS", "",
+        "Private networks webhooks may reach, as comma-separated CIDRs (10.0.0.0/8,192.168.1.20/32). Empty: "
+        "a webhook's host must resolve to public addresses only; loopback, link-local, private and other "
+        "non-public addresses are refused, at submit and again before each POST. Cloud metadata addresses "
+        "are refused always. Set it alike on producers and workers.")
     metrics_port: int = _env_field(
         "ZFARM_METRICS_PORT", 0, "Port for the worker's Prometheus metrics; 0 turns them off.", int)
     compile_cache_dir: str = _env_field(

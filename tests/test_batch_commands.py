@@ -111,6 +111,29 @@ def test_wait_times_out_with_exit_2_while_jobs_are_queued(cli, tmp_path):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_refused_before_anything_is_queued(cli, tmp_path, redis_client, timeout):
+    code, out, err = cli("submit", prompts(tmp_path, "a fox"), "--wait", "--timeout", timeout)
+    assert code == 2 and out == "" and "argument --timeout" in err and "timed out" not in err
+    assert redis_client.keys("zfarm*") == []
+    code, _, err = cli("wait", "20240101-000000-abcdef", "--timeout", timeout)
+    assert code == 2 and "argument --timeout" in err
+
+
+def test_a_timeout_may_be_written_with_a_unit(cli, tmp_path):
+    batch_id = cli("submit", prompts(tmp_path, "a fox"))[1].strip()
+    code, _, err = cli("wait", batch_id, "--timeout", "0.2s")
+    assert code == 2 and "timed out after 0.2 s" in err
+
+
+def test_the_api_refuses_a_negative_or_nan_timeout(redis_server, storage_url, tmp_path):
+    farm = Farm(Settings.from_env(redis_url=redis_server, storage_url=storage_url), table={"runs": []})
+    batch = farm.submit(["a fox"])
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout_s"):
+            batch.wait(timeout_s=bad)
+
+
 def test_wait_exits_0_when_every_job_is_done(cli, tmp_path, worker):
     batch_id = cli("submit", prompts(tmp_path, "a fox", "an owl"))[1].strip()
     code, out, err = cli("wait", batch_id, "--timeout", "30")
@@ -235,6 +258,49 @@ def test_workers_lists_live_workers_with_their_stats(cli, redis_client):
     assert w["last_seen"] > time.time() - 60
     out = cli("workers")[1].splitlines()
     assert out[0].split("\t")[:3] == ["name", "host", "gpu"] and out[1].startswith("zimage-24g@gpu1\tgpu1")
+
+
+def _on_a_terminal(args: list[str]) -> str:
+    """Run `zfarm ARGS` with its stdout on a pseudo-terminal, as a person at a shell sees it."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], stdout=terminal, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed: the command has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(60)
+    os.close(controller)
+    return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_workers_shows_last_seen_as_an_age_on_a_terminal(redis_server, redis_client):
+    registry.register(redis_client, {"name": "zimage-24g@gpu1", "host": "gpu1", "gpu": "RTX 4090",
+                                     "vram_gb": 23.6, "vram_class": 24, "profile": "resident",
+                                     "max_pixels": 4194304}, ttl_s=600)
+    seen = time.time() - 300
+    redis_client.hset(keys.worker("zimage-24g@gpu1"), "last_seen", str(seen))
+    header, row = _on_a_terminal(["--redis-url", redis_server, "workers"]).splitlines()
+    assert header.split()[-1] == "LAST_SEEN" and row.endswith("5 min ago")
+    assert str(int(seen)) not in row
+
+
+def test_workers_json_keeps_last_seen_as_an_epoch(cli, redis_client):
+    registry.register(redis_client, {"name": "w@h", "vram_class": 24, "max_pixels": 4194304}, ttl_s=60)
+    seen = time.time() - 3
+    redis_client.hset(keys.worker("w@h"), "last_seen", str(seen))
+    [worker] = json.loads(cli("workers", "--json")[1])
+    assert worker["last_seen"] == pytest.approx(seen)
+    assert cli_module._age(3.2) == "3 s ago" and cli_module._age(7300) == "2 h ago"
 
 
 # Profiles

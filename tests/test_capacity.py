@@ -52,7 +52,7 @@ def test_durations_read_as_people_write_them(text, seconds):
     assert parse_duration_s(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "2x", "h", "1h30", "-5m"])
+@pytest.mark.parametrize("text", ["", "2x", "h", "1h30", "-5m", "-1", "0", "nan", "inf", "-inf"])
 def test_unreadable_durations_are_refused(text):
     with pytest.raises(ValueError):
         parse_duration_s(text)

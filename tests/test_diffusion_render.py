@@ -91,6 +91,19 @@ def test_a_render_is_a_png_of_the_requested_size_with_the_parameters_chunk(rende
     assert result.render_s > 0
 
 
+def test_the_longest_prompt_and_negative_prompt_the_schema_accepts_render_with_guidance(renderer):
+    from shared.schema import PROMPT_MAX_CHARS
+
+    # Every word is one token of the tiny tokenizer: 1,000 tokens each, past the pipeline's 512.
+    longest = ("a " * PROMPT_MAX_CHARS)[:PROMPT_MAX_CHARS]
+    spec = JobSpec.from_dict({"prompt": longest, "negative_prompt": longest, "guidance": 1.5, "steps": 1,
+                              "width": 256, "height": 256, "seed": 3})
+    assert len(spec.prompt) == len(spec.negative_prompt) == PROMPT_MAX_CHARS
+    assert len(renderer.pipe.tokenizer(longest).input_ids) > 512
+    image = Image.open(io.BytesIO(renderer.render(spec).png))
+    assert image.size == (256, 256)
+
+
 def test_the_same_seed_gives_identical_pixels_and_another_seed_does_not(renderer):
     first, again, other = (renderer.render(job(seed=s)).png for s in (11, 11, 12))
     assert pixels(first) == pixels(again)

@@ -54,12 +54,14 @@ class _Hook(BaseHTTPRequestHandler):
 
 
 def test_a_finished_batch_calls_its_webhook_with_the_status_retrying_a_failed_call(
-        start_worker, farm_factory, file_storage_url):
+        start_worker, farm_factory, file_storage_url, monkeypatch):
     _Hook.calls = []
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    # The hook listens on loopback, which webhooks may reach only when the operator allows it.
+    monkeypatch.setenv("ZFARM_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.1/32")
     try:
-        start_worker(file_storage_url, SIMULATE)
+        start_worker(file_storage_url, SIMULATE, ZFARM_WEBHOOK_ALLOWED_NETWORKS="127.0.0.1/32")
         farm = farm_factory(file_storage_url)
         batch = farm.submit(["one", "two"], webhook=f"http://127.0.0.1:{server.server_port}/done")
         wait_for(lambda: len(_Hook.calls) >= 2, 60, what="the webhook to be retried and delivered")

@@ -6,7 +6,8 @@ import io
 import pytest
 
 from producer.cli import main
-from producer.files import MAX_ERRORS, PromptFileError, parse_prompt_file
+from producer.files import MAX_ERRORS, parse_prompt_file
+from shared.errors import DefaultsError, PromptFileError
 
 
 def write(tmp_path, name: str, text: str) -> str:
@@ -48,9 +49,25 @@ def test_a_prompt_longer_than_the_limit_is_refused_with_its_line(tmp_path):
     assert errors_of(path) == [(path, 2, "prompt")]
 
 
-def test_a_bad_cli_default_is_reported_on_every_line_it_breaks(tmp_path):
+def test_a_bad_default_is_reported_once_naming_its_field_not_on_every_line(tmp_path):
     path = write(tmp_path, "p.txt", "a\nb\n")
-    assert errors_of(path, defaults={"width": 1000}) == [(path, 1, "width"), (path, 2, "width")]
+    with pytest.raises(DefaultsError) as caught:
+        parse_prompt_file(path, defaults={"width": 1000, "steps": 10000, "seed": 3})
+    assert [(e.field, e.message) for e in caught.value.errors] == [
+        ("width", "must be a multiple of 16, got 1000"), ("steps", "must be in [1, 50], got 10000")]
+
+
+def test_a_bad_flag_with_a_300_line_file_is_one_error_naming_the_flag(tmp_path, capsys):
+    path = write(tmp_path, "many.txt", "".join(f"prompt {i}\n" for i in range(300)))
+    # No Redis is reachable at this URL: a bad flag is refused before any connection is made.
+    code = main(["--redis-url", "redis://127.0.0.1:1/0", "submit", path, "--steps", "10000",
+                 "--negative-prompt", "x" * 2001])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["zfarm: --steps: must be in [1, 50], got 10000",
+                                "zfarm: --negative-prompt: is 2001 characters; at most 2000",
+                                "zfarm: nothing was queued"]
+    assert "many.txt" not in err
 
 
 # JSON lines
@@ -85,6 +102,38 @@ def test_a_jsonl_file_takes_every_optional_field(tmp_path):
 def test_each_bad_jsonl_line_is_named_with_its_field(tmp_path, line, field):
     path = write(tmp_path, "p.jsonl", '{"prompt": "good"}\n' + line + "\n")
     assert errors_of(path) == [(path, 2, field)]
+
+
+@pytest.mark.parametrize("line, field, expected", [
+    ('{"prompt": "x", "width": "512"}', "width", "must be an integer, got the string '512'"),
+    ('{"prompt": "x", "steps": "2"}', "steps", "must be an integer, got the string '2'"),
+    ('{"prompt": "x", "seed": "7"}', "seed", "must be an integer, got the string '7'"),
+    ('{"prompt": "x", "guidance": "1.5"}', "guidance", "must be a number, got the string '1.5'"),
+    ('{"prompt": "x", "height": ""}', "height", "must be an integer, got the string ''"),
+    ('{"prompt": "x", "steps": true}', "steps", "must be an integer, got the boolean true"),
+    ('{"prompt": "x", "negative_prompt": 5}', "negative_prompt", "must be a string, got the number 5"),
+    ('{"prompt": ["x"]}', "prompt", "must be a string, got an array"),
+])
+def test_a_jsonl_value_of_the_wrong_type_is_refused_naming_the_field_and_the_type_expected(
+        tmp_path, line, field, expected):
+    path = write(tmp_path, "p.jsonl", '{"prompt": "good"}\n' + line + "\n")
+    with pytest.raises(PromptFileError) as caught:
+        parse_prompt_file(path)
+    assert [str(e) for e in caught.value.errors] == [f"{path}:2: {field}: {expected}"]
+
+
+def test_a_jsonl_line_naming_a_field_twice_is_refused_naming_that_field(tmp_path):
+    path = write(tmp_path, "p.jsonl", '{"prompt": "x", "steps": 4, "steps": 40}\n{"prompt": "y"}\n')
+    with pytest.raises(PromptFileError) as caught:
+        parse_prompt_file(path)
+    assert [(e.line, e.field) for e in caught.value.errors] == [(1, "steps")]
+    assert "appears twice" in str(caught.value)
+
+
+def test_jsonl_null_leaves_a_field_to_its_default_and_integral_numbers_are_integers(tmp_path):
+    path = write(tmp_path, "p.jsonl", '{"prompt": "x", "steps": null, "width": 512.0}\n')
+    [entry] = parse_prompt_file(path, defaults={"steps": 6})
+    assert (entry.spec.steps, entry.spec.width) == (6, 512)
 
 
 def test_all_errors_of_a_file_are_reported_together(tmp_path):
@@ -134,6 +183,14 @@ def test_a_csv_with_an_unknown_column_is_refused_at_its_header(tmp_path):
 def test_each_bad_csv_row_is_named_with_its_line_and_field(tmp_path, row, field):
     path = write(tmp_path, "p.csv", "prompt,width\nok,512\n" + row + "\n")
     assert errors_of(path) == [(path, 3, field)]
+
+
+def test_csv_cells_stay_text_parsed_into_numbers_with_blanks_left_to_the_defaults(tmp_path):
+    path = write(tmp_path, "p.csv", "prompt,width,steps,guidance,seed\n512,  512 ,2,1.5,+7\nowl, ,,,\n")
+    first, second = parse_prompt_file(path, defaults={"steps": 3, "seed": 1})
+    assert (first.spec.prompt, first.spec.width, first.spec.steps, first.spec.guidance, first.spec.seed) == \
+        ("512", 512, 2, 1.5, 7)
+    assert (second.spec.width, second.spec.steps, second.spec.guidance, second.spec.seed) == (1024, 3, 0.0, 1)
 
 
 def test_a_csv_nan_guidance_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from celery import Celery
 from kombu import Connection
 
 from farm import LosesOneReply, client_that_loses_one_reply
-from producer.api import Farm, SubmitError
+from producer.api import Farm, SubmitConflict, SubmitError
 from producer.cli import main
 from shared import keys, registry, routing, wire
 from shared.ledger import Ledger
@@ -173,6 +173,44 @@ def test_resubmitting_with_the_same_key_or_name_returns_the_first_batch(cli, tmp
     assert "already submitted" in err
     assert zfarm_queues(redis_client) == queues
     assert redis_client.zcard(keys.BATCHES) == 1
+
+
+def test_a_name_reused_with_other_content_is_a_conflict_naming_the_differences(cli, tmp_path, redis_client):
+    first = write_jobs(tmp_path, [{"prompt": "a fox", "seed": 1}, {"prompt": "an owl"}], "first.jsonl")
+    code, out, _ = cli("submit", first, "--name", "poster-run-3")
+    assert code == 0
+    queues = zfarm_queues(redis_client)
+    changed = write_jobs(tmp_path, [{"prompt": "a fox", "seed": 2}, {"prompt": "a cat"}, {"prompt": "a hen"}],
+                         "changed.jsonl")
+    code, again, err = cli("submit", changed, "--name", "poster-run-3", "--priority", "high", "--steps", "4")
+    assert code == 2 and again == ""
+    assert f"name 'poster-run-3' was used for batch {out.strip()}, with different content" in err
+    assert "priority: normal there, high here" in err and "jobs: 2 there, 3 here" in err
+    assert "prompt: changed.jsonl:2: 'an owl' there, 'a cat' here" in err
+    assert "steps differs in 2 jobs, first changed.jsonl:1: 8 there, 4 here" in err
+    assert "seed: changed.jsonl:1: 1 there, 2 here" in err
+    assert len(err.splitlines()) == 1 and "Nothing was queued" in err, err
+    assert zfarm_queues(redis_client) == queues and redis_client.zcard(keys.BATCHES) == 1
+
+
+def test_a_name_reused_with_the_same_content_and_fresh_random_seeds_returns_the_first_batch(
+        cli, tmp_path, redis_client):
+    path = write_jobs(tmp_path, [{"prompt": "a fox"}, {"prompt": "an owl", "seed": 5}])
+    code, first, _ = cli("submit", path, "--name", "nightly", "--steps", "4")
+    code_again, second, err = cli("submit", path, "--name", "nightly", "--steps", "4")
+    assert (code, code_again) == (0, 0) and second == first and "already submitted" in err
+    # A seed given where one was drawn before is content too.
+    code, _, err = cli("submit", path, "--name", "nightly", "--steps", "4", "--seed", "9")
+    assert code == 2 and "seed: " in err and "'drawn at random' there, 9 here" in err
+
+
+def test_an_idempotency_key_reused_with_another_webhook_is_a_conflict_that_hides_the_url(redis_server):
+    farm = farm_for(redis_server)
+    farm.submit(["a fox"], idempotency_key="k-1", webhook="http://93.184.216.34/a?token=secret1")
+    with pytest.raises(SubmitConflict) as caught:
+        farm.submit(["a fox"], idempotency_key="k-1", webhook="http://93.184.216.34/b?token=secret2")
+    assert "idempotency key 'k-1'" in str(caught.value) and "webhook: a different URL" in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def test_a_submit_whose_reply_is_lost_is_retried_without_queueing_any_job_twice(redis_server, redis_client):
@@ -343,9 +381,10 @@ def test_an_unknown_batch_is_a_one_line_error(cli):
     assert code == 2 and err.startswith("zfarm: batch_id: must match") and "Traceback" not in err
 
 
-def test_an_unreachable_redis_is_a_one_line_error_without_the_password(tmp_path, capsys, free_port):
+def test_an_unreachable_redis_is_a_one_line_error_without_the_password(tmp_path, capsys, free_port, monkeypatch):
     path = tmp_path / "p.txt"
     path.write_text("a fox\n")
+    monkeypatch.setenv("ZFARM_PRODUCER_REDIS_RETRY_S", "0")  # no retrying: tests/test_producer_redis_outage.py
     code = main(["--redis-url", f"redis://:hunter2@127.0.0.1:{free_port}/0", "status", "20240101-000000-abcdef"])
     err = capsys.readouterr().err
     assert code == 3 and len(err.splitlines()) == 1

@@ -48,12 +48,44 @@ def test_a_malformed_message_in_the_queue_fails_its_job_and_the_worker_renders_t
     bad_job = {"version": 1, "batch_id": batch.id, "index": 1, "priority": "normal", "tier": "any",
                "submitted_at": 0, "spec": {"prompt": "x", "negative_prompt": "", "width": 1000, "height": 512,
                                            "steps": 8, "guidance": 0, "seed": 1}}
-    redis_client.rpush(queue, wire.render_message(bad_job, "tampered-1", queue, 60))
+    # The job's own message (its task id), tampered with.
+    redis_client.rpush(queue, wire.render_message(bad_job, f"{batch.id}-000001", queue, 60))
     start_worker(file_storage_url, SIMULATE)
     status = _finished(batch)
     assert (status["done"], status["failed"]) == (2, 1)
     assert status["failures"][0]["index"] == 1 and status["failures"][0]["field"] == "width"
     assert "multiple of 16" in status["failures"][0]["message"]
+
+
+def test_junk_naming_a_queued_job_under_another_task_id_is_rejected_and_the_job_still_renders(
+        start_worker, farm_factory, file_storage_url, redis_client):
+    farm = farm_factory(file_storage_url)
+    batch = farm.submit([{"prompt": f"p{i}", "seed": i} for i in range(2)])
+    queue = next(k.decode() for k in redis_client.keys("zfarm.normal.*") if redis_client.llen(k))
+    job0 = json.loads(redis_client.hget(keys.batch_jobs(batch.id), 0))
+    bad_width = {**job0, "spec": {**job0["spec"], "width": 1000}}
+    # Taken before the jobs' own messages (RPUSH: workers pop from the right): an invalid job under
+    # a forged id, and a refused envelope (unknown header) around a valid body under another.
+    invalid_job = wire.render_message(bad_width, "forged-1", queue, 60)
+    refused = json.loads(wire.render_message(job0, "forged-2", queue, 60))
+    refused["headers"]["clock"] = 1
+    redis_client.rpush(queue, invalid_job, json.dumps(refused))
+    start_worker(file_storage_url, SIMULATE)
+    status = _finished(batch)
+    assert (status["done"], status["failed"]) == (2, 0)
+    wait_for(lambda: redis_client.llen(keys.REJECTED) == 2, 30, what="both forged messages to be rejected")
+    rejected = {json.loads(r)["task_id"]: json.loads(r)["reason"] for r in redis_client.lrange(keys.REJECTED, 0, -1)}
+    assert "multiple of 16" in rejected["forged-1"] and "unknown header 'clock'" in rejected["forged-2"]
+
+
+def test_a_jobs_own_message_ids_are_its_id_its_retries_and_its_lost_message_requeues():
+    from shared.ledger import is_own_message_id
+
+    own = ["b1-000007", "b1-000007-r1", "b1-000007-r12", "b1-000007-lost-0a1b2c3d"]
+    assert all(is_own_message_id(task_id, "b1", 7) for task_id in own)
+    other = ["b1-000008", "b1-0000070", "b1-000007-r0", "b1-000007-rx", "b1-000007-lost-xyz", "b1-000007-lost-",
+             "b1-000007-extra", "xb1-000007", "tampered-1", "", None, 7, {"id": "b1-000007"}]
+    assert not any(is_own_message_id(task_id, "b1", 7) for task_id in other)
 
 
 def test_junk_pushed_into_a_queue_is_recorded_as_rejected_and_does_not_stop_the_worker(

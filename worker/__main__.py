@@ -81,17 +81,35 @@ def main(argv=None) -> int:
     # and pool processes ignore a SIGTERM sent to the whole process group. billiard reads this
     # variable, and nothing else, when it is imported.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from celery import signals
+
     from worker.app import app
+
+    signals.worker_shutdown.connect(_record_exit_code, weak=False)
 
     argv_celery = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
                    "--without-mingle", "--without-gossip"]
     app.worker_main(argv_celery)
-    # Celery's worker_main drops the worker's exit code: a model that never loaded is a configuration
-    # error (78), which supervisors (zfarm worker --gpus, systemd's RestartPreventExitStatus) do not restart.
+    # The code the worker stopped with (78 when Redis refused its password); a model that never loaded
+    # is a configuration error (78) too, which supervisors (zfarm worker --gpus, systemd's
+    # RestartPreventExitStatus) do not restart.
     from worker.startup import EX_CONFIG
     from worker.state import STATE
 
-    return EX_CONFIG if STATE.failed else 0
+    return _worker_exit_code() or (EX_CONFIG if STATE.failed else 0)
+
+
+_exit_codes: list = []
+
+
+def _record_exit_code(sender=None, **_):
+    _exit_codes.append(getattr(sender, "exitcode", None))
+
+
+def _worker_exit_code() -> int:
+    """The code the worker stopped with (78 when Redis refused its password, say). `celery worker`
+    exits with it, but `app.worker_main` drops it, so it is taken from the worker_shutdown signal."""
+    return next((code for code in reversed(_exit_codes) if isinstance(code, int)), 0)
 
 
 if __name__ == "__main__":

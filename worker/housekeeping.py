@@ -49,7 +49,7 @@ class HousekeepingStep(bootsteps.StartStopStep):
                           confirm_s=settings.registry_ttl_s * 2, lock_s=settings.heartbeat_s * 2)
 
     def _webhooks(self, settings):
-        deliver_finished(self.client, settings.webhook_timeout_s)
+        deliver_finished(self.client, settings.webhook_timeout_s, settings.webhook_allowed_networks)
 
     def stop(self, c):
         for timer in self.timers:

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 
+import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
@@ -142,5 +143,9 @@ class RegistryStep(bootsteps.StartStopStep):
             self.client.pexpire(keys.worker(STATE.name), int(FAILED_ENTRY_TTL_S * 1000))
             log.info("zfarm worker %s stays listed as failed for %.0f s", STATE.name, FAILED_ENTRY_TTL_S)
             return
-        registry.deregister(self.client, STATE.name)
+        try:
+            registry.deregister(self.client, STATE.name)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # refused credentials included
+            log.warning("zfarm worker %s could not deregister (%s); its entry expires with its TTL", STATE.name, exc)
+            return
         log.info("zfarm worker %s deregistered", STATE.name)

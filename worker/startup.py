@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 
-from shared import profiles, registry, routing
+from shared import profiles, redis_conn, registry, routing
 from shared.errors import ModelNotFound, ProfileError
 from shared.redis_conn import connect
 from worker import config, metrics
@@ -39,9 +39,20 @@ def free_default_name(settings, boot) -> str:
                      f"zimage-{label}-N@{boot.host}")
 
 
+def _stop_on_refused_credentials(url: str) -> None:
+    """A wrong Redis password is a configuration error: stop at once (exit 78) with a message, instead of
+    Celery's broker reconnect loop retrying it forever. An unreachable Redis is still waited for."""
+    try:
+        redis_conn.check_credentials(url)
+    except redis_conn.RedisAuthError as exc:
+        print(f"zfarm worker cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_CONFIG)
+
+
 def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     """Celery's `celeryd_init` signal, in the parent: fills `worker.state.STATE`."""
     settings, table = config.settings(), config.table()
+    _stop_on_refused_credentials(settings.redis_url)
     try:
         boot = detect.detect(settings, table)
     except (ProfileError, ValueError) as exc:

@@ -66,9 +66,10 @@ def _named_job(kwargs):
 
 
 def _fail_invalid(raw, reason: dict, task_id: str) -> None:
-    """Fail the job an invalid message names, or record the message as rejected when it names none
-    (or one already final: a message is never counted twice)."""
-    if not _ledger().fail_invalid(raw, reason):
+    """Fail the job an invalid message names when the message is that job's own (same task id), or
+    record the message as rejected when it names none, is another's, or names one already final (a
+    message is never counted twice)."""
+    if not _ledger().fail_invalid_message(raw, reason, task_id):
         reject_message(reason["message"], {"task_id": task_id, "field": reason.get("field", "")})
 
 

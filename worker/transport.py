@@ -10,8 +10,9 @@ to die on. Other shapes are dropped without a trace in the pool, or run what a q
 So every item is checked here against the one message zfarm sends (`shared.wire`): JSON only,
 the `zfarm.render` task, known headers of the right types (a time limit is capped below the
 visibility timeout), a body of exactly `[[], {"job": ...}, {}]`. An item that fails is never delivered: when
-its body names a job of a batch on record, that job is failed with the reason; otherwise the item
-is recorded in the ledger's rejected list. Either way the worker goes on. The job inside a valid
+it is the own message of a job of a batch on record (its body names the job and its task id is one the
+farm gives that job's messages), that job is failed with the reason; otherwise the item is recorded in
+the ledger's rejected list and no job is touched. Either way the worker goes on. The job inside a valid
 envelope is validated again by the task (`Job.from_wire`).
 
 `Channel.wake()` ends a BRPOP in flight at once (CLIENT UNBLOCK, Redis >= 5), so queues added while
@@ -25,15 +26,21 @@ import binascii
 import json
 import logging
 import math
+import sys
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
+from shared import redis_conn, routing
 from shared.errors import Refused
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
 
 log = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits EX_CONFIG, as worker.boot: the worker cannot run as configured
 
 # Items above this are not opened at all; a valid job message is under 100 KB (the job itself is at
 # most schema.WIRE_MAX_BYTES), so nothing this large can be one.
@@ -177,6 +184,21 @@ def decode_body(payload) -> tuple:
     return tuple(decoded)
 
 
+def is_checked_queue(queue: str) -> bool:
+    """Whether items popped from `queue` are checked: zfarm's own queues (`routing.is_zfarm_queue`: the
+    job queues and the holding queue a loading worker consumes). Celery's own
+    queues, such as the `<uuid>.reply.celery.pidbox` lists that `celery inspect`, `celery status` and
+    Flower read the workers' replies from (in the same BRPOP as any task queue), take kombu's stock
+    path: their messages are no render jobs, and checking them dropped every reply."""
+    return routing.is_zfarm_queue(queue)
+
+
+def message_task_id(payload):
+    """The task id a refused envelope claims (headers.id), whatever its type, or None."""
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    return headers.get("id") if isinstance(headers, dict) else None
+
+
 def named_job(payload):
     """The `job` object a refused envelope's body carries, if its body can be read as JSON at all
     (whatever content type it claims: JSON is parsed, never anything else)."""
@@ -222,12 +244,29 @@ class QoS(kombu_redis.QoS):
         self.channel._popped = None
 
 
+def stop_on_refused_credentials(kombu_connection, error: Exception) -> None:
+    """Redis refused the broker URL's credentials (a password rotated under a running worker, say):
+    a configuration error, so stop the process with exit 78 and say why. kombu counts it a connection
+    error (redis-py's AuthenticationError is one) and Celery would retry it forever. Celery's worker
+    stops with a SystemExit's code."""
+    message = redis_conn.auth_failure(kombu_connection.as_uri(), kombu_connection.password is not None, error)
+    log.critical("zfarm worker stops: %s", message)
+    print(f"zfarm: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EX_CONFIG)
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _popped: tuple[bytes, bytes] | None = None
     # (socket, the server's id for it, None where the server refused to say) of the connection BRPOP
     # blocks on; a reconnect makes a new socket, whose id is asked again.
     _blocking_client: tuple[object, int | None] | None = None
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)  # kombu PINGs here, on every (re)connect
+        except redis.AuthenticationError as exc:
+            stop_on_refused_credentials(self.connection.client, exc)
 
     def _brpop_start(self, timeout=None):
         self._push_back_unrecorded()
@@ -296,6 +335,10 @@ class Channel(kombu_redis.Channel):
     def _take(self, dest: str, item: bytes) -> None:
         """Deliver a popped item to Celery (kombu records it as unacked first), or refuse it."""
         self._queue_cycle.rotate(dest)
+        if not is_checked_queue(dest):
+            # kombu's own path for Celery's queues (kombu.transport.redis.Channel._brpop_read).
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return
         payload = None
         try:
             if len(item) > ITEM_MAX_BYTES:
@@ -316,10 +359,12 @@ class Channel(kombu_redis.Channel):
         with self.conn_or_acquire() as client:
             ledger = Ledger(client)
             reason = {"kind": "invalid", "field": "message", "message": problem}
-            if ledger.fail_invalid(named_job(payload), reason):
+            task_id = message_task_id(payload)
+            if ledger.fail_invalid_message(named_job(payload), reason, task_id):
                 log.warning("failed the job named by a queue item from %s: %s", queue, problem)
                 return
-            ledger.reject(problem, {"queue": queue, "body_prefix": repr(item[:200])})
+            ledger.reject(problem, {"queue": queue, "task_id": task_id if isinstance(task_id, str) else None,
+                                    "body_prefix": repr(item[:200])})
         log.warning("dropped a queue item from %s: %s", queue, problem)
 
 

@@ -34,8 +34,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SEED = 0
 
+# axes_lens as the published model has them (diffusers' default): the first axis numbers the prompt's
+# tokens (up to the pipeline's 512) and then the image's, so a shorter one failed every prompt of more
+# than ~255 tokens; the other two cover the latent rows and columns of a 2048 px side.
 TINY_TRANSFORMER = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
-                        axes_dims=[8, 12, 12], axes_lens=[256, 128, 128])
+                        axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512])
 TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)
 TINY_VAE_CHANNELS = [32, 32, 32, 32]
