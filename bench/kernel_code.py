@@ -51,8 +51,10 @@ KERNELS = {
 }
 
 
-def compile_for_h100(name: str, num_warps: int | None = None) -> dict:
-    """The kernel's compiled forms, {"ptx": text, "cubin": bytes, ...}, for sm_90."""
+def compile_for(name: str, compute_capability: int, num_warps: int | None = None) -> dict:
+    """The kernel's compiled forms, {"ptx": text, "cubin": bytes, ...}, for the NVIDIA target of that
+    compute capability (Triton's number: 86 for sm_86). Raises Triton's CompilationError where the
+    target lacks a type the kernel uses (e4m3 below sm_89)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,9 +64,14 @@ def compile_for_h100(name: str, num_warps: int | None = None) -> dict:
     signature = dict(zip(kernel.arg_names, case.types, strict=True))
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in case.aligned}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=case.constexprs, attrs=attrs),
-                              target=GPUTarget(*H100),
+                              target=GPUTarget(H100[0], compute_capability, H100[2]),
                               options={"num_warps": num_warps or case.default_warps()})
     return compiled.asm
+
+
+def compile_for_h100(name: str, num_warps: int | None = None) -> dict:
+    """The kernel's compiled forms for sm_90."""
+    return compile_for(name, H100[1], num_warps)
 
 
 def global_accesses(ptx: str) -> collections.Counter:

@@ -112,17 +112,28 @@ def _environment() -> dict:
     import torch
     import transformers
 
+    from shared import archs
+
     cuda = torch.cuda.is_available()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
     return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "driver": _driver() if cuda else "",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "arch": archs.arch_name(torch.cuda.get_device_capability(0)) if cuda else "cpu",
+            "torch": torch.__version__, "triton": triton_version,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
 
 
-def _split_run_settings(items: list[str]) -> tuple[dict, int]:
-    """(profile field overrides, images per call) from key=value items: batch is a run setting."""
+def _split_run_settings(items: list[str]) -> tuple[dict, int, str]:
+    """(profile field overrides, images per call, architecture to emulate) from key=value items: batch
+    and emulate are run settings, the rest Spec fields."""
     overrides = _parse_overrides(items)
-    return overrides, int(overrides.pop("batch", 1))
+    return overrides, int(overrides.pop("batch", 1)), str(overrides.pop("emulate", ""))
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -167,20 +178,25 @@ class StageClock:
 
 
 def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict, n: int, size: int, steps: int,
-            probe_sides: tuple, device: str = "cuda", fidelity_dir: str = "", batch: int = 1) -> dict:
+            probe_sides: tuple, device: str = "cuda", fidelity_dir: str = "", batch: int = 1,
+            emulate: str = "") -> dict:
     """Measure one profile in this process. Returns the run record (ok False with the error on failure).
-    With `batch` > 1 each call renders that many images of one prompt; s_per_image is per image."""
+    With `batch` > 1 each call renders that many images of one prompt; s_per_image is per image. With
+    `emulate` ("sm_86") the process plays that architecture (worker.engine.emulation) first."""
     if device == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
 
-    from worker.engine import fp8, pipeline, placement, specs
+    from worker.engine import emulation, fp8, pipeline, placement, specs
     from worker.engine.diffusion import is_out_of_memory
 
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
               "first_s": None, "load_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
               "host_rss_gib": None, "max_pixels": None, "size": size, "steps": steps, "n": n,
               "overrides": overrides or {}, "batch": batch, **_environment()}
+    if emulate:
+        record["emulated_arch"] = emulation.activate(emulate, record["torch"], record.get("triton", ""),
+                                                     record.get("arch", "")).arch
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda and cap_gib:
@@ -235,7 +251,8 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["max_pixels"] = size * size
         if fidelity_dir and batch == 1:
             stage = "fidelity images"
-            save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch), size, steps)
+            save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch, emulate), size,
+                                 steps)
         if cuda:
             stage = "kernel trace"
             record["trace"] = kernel_trace(lambda: call(FIDELITY_SEEDS[0], size, steps))
@@ -268,12 +285,12 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     return record
 
 
-def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1) -> str:
-    """A file-name-safe name of one run: PROFILE@CAP[+key=value...]."""
+def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1, emulate: str = "") -> str:
+    """A file-name-safe name of one run: PROFILE@CAP[+key=value...][+emulate=sm_XY]."""
     label = f"{profile}@{'none' if cap_gib is None else f'{cap_gib:g}'}"
     for key, value in sorted((overrides or {}).items()):
         label += f"+{key}={value}"
-    return label + (f"+batch={batch}" if batch > 1 else "")
+    return label + (f"+batch={batch}" if batch > 1 else "") + (f"+emulate={emulate}" if emulate else "")
 
 
 def save_fidelity_images(pipe, folder: str, label: str, size: int, steps: int) -> None:
@@ -595,7 +612,7 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     label and follows it in the file)."""
     import dataclasses
 
-    from worker.engine.specs import PROFILES, Spec, is_lossy, spec_for
+    from worker.engine.specs import PROFILES, Spec, is_lossy, requirements, spec_for
 
     # A field added to Spec after a run was recorded had its default then; one removed since (an option
     # measured and dropped) is ignored.
@@ -626,10 +643,13 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
                 continue
             if rec.get("check") or rec.get("profile") not in PROFILES or rec.get("batch", 1) != 1 or not current(rec):
                 continue
-            key = (rec["profile"], rec.get("cap_gib"))
-            latest[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])))
+            key = (rec["profile"], rec.get("cap_gib"), rec.get("emulated_arch") or "")
+            latest[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])),
+                               requires=list(requirements(spec_for(rec["profile"]))),
+                               arch=rec.get("arch") or _arch_of_device(rec.get("device")))
             by_device.setdefault(key, {})[rec.get("device")] = latest[key]
-            by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"))] = key
+            by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"),
+                               emulate=rec.get("emulated_arch") or "")] = key
     # The table's machine is the GPU most of its profiles were measured on: a profile run there keeps
     # that run even if a later one ran on another card (a lent machine is not always the same kind);
     # one measured only elsewhere keeps its latest run. Each row names its GPU.
@@ -638,13 +658,14 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     runs = {key: by_device[key].get(common, rec) for key, rec in latest.items()}
     env = next((rec for rec in runs.values() if rec.get("ok") and rec.get("device") == common), env)
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
-            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
-    extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib",
+            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy", "requires", "arch")
+    extra = ("device", "emulated_arch", "torch", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib",
              "host_anon_peak_gib", "host_file_peak_gib", "host_shmem_peak_gib", "host_used_rise_gib",
              "pinned_peak_gib", "host_memory_limit_gib", "host_memory_limit_peak_gib", "host_memory_limit_events",
              "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
-            for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
+            for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9,
+                                                             r.get("emulated_arch") or ""))]
     table = {"schema": 1,
              "measured": {k: env.get(k) for k in ("device", "driver", "torch", "diffusers", "transformers", "date",
                                                   "alloc_conf")} | {"size": SIZE_PX, "steps": STEPS,
@@ -656,6 +677,15 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     return table
+
+
+# The architecture of the cards the benchmark has run on, by the name CUDA reports, for runs recorded
+# before each run named its own.
+_DEVICE_ARCH = {"H100": "sm_90", "H200": "sm_90"}
+
+
+def _arch_of_device(device: str | None) -> str:
+    return next((arch for name, arch in _DEVICE_ARCH.items() if name in (device or "")), "")
 
 
 def _link_packaged_table() -> None:
@@ -730,9 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(tiny.build_full(args.dir)), flush=True)
         return 0
     if args.command == "run":
-        overrides, batch = _split_run_settings(args.set)
+        overrides, batch, emulate = _split_run_settings(args.set)
         record = measure(args.dir, args.profile, args.cap_gib, overrides, args.n, args.size,
-                         args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch)
+                         args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch, emulate)
         if args.result:
             Path(args.result).write_text(json.dumps(record))
         if args.jsonl:

@@ -19,7 +19,7 @@ import redis
 from producer.api import Farm, failure_reason, scale_advice
 from producer.files import parse_prompt_file
 from producer.progress import CountBar, Progress
-from shared import profiles, redis_conn
+from shared import archs, cards, profiles, redis_conn
 from shared.errors import DefaultsError, PromptFileError, StorageError, UsageError, ZfarmError
 from shared.schema import PRIORITIES, check_defaults
 from shared.settings import Settings
@@ -114,6 +114,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="the profile each VRAM class would run, from the measured table")
     p.add_argument("--vram-gb", type=float, help="show the choice for a card of this many GB (default: cpu)")
     p.add_argument("--ram-gb", type=float, help="host RAM the choice must fit (default: any)")
+    p.add_argument("--arch", help="the card's architecture, e.g. sm_86 (RTX 3060/3090, A10), sm_89 (RTX 4090, L4), "
+                                  "sm_75 (T4); default: judge no architecture")
+    p.add_argument("--card", help="a card by name (RTX 3060, A10, T4...): its memory and architecture")
+    p.add_argument("--torch", help="the worker's torch version (default: the one the table was measured with)")
     p.add_argument("--allow-lossy", action="store_true", default=None,
                    help="admit profiles whose images differ visibly from bf16 (default: ZFARM_ALLOW_LOSSY)")
     p.add_argument("--json", action="store_true")
@@ -397,6 +401,9 @@ def cmd_scale_advice(args) -> int:
           f"(1024x1024, 8 steps)")
     print(f"fleet: {advice['fleet_images_per_hour']:g} reference images/hour; "
           f"expected to finish in {_duration(advice['expected_finish_s'])}")
+    for worker in advice["speeds"]:
+        speed = "-" if worker["s_per_image"] is None else f"{worker['s_per_image']:g} s/img"
+        print(f"  {worker['name']} ({worker['gpu']}): {speed}, {worker['source']}")
     if advice["stranded_tiers"]:
         print(f"no live worker can render the jobs of tier(s) {', '.join(advice['stranded_tiers'])}")
     if deadline_s is not None:
@@ -409,16 +416,44 @@ def cmd_scale_advice(args) -> int:
     return EXIT_OK
 
 
-def profiles_report(table: dict, vram_gb: float | None, ram_gb: float | None, allow_lossy: bool = False) -> dict:
-    """What `zfarm profiles --json` prints: every class's choice, and the one for this card."""
+# Triton ships inside torch's CUDA wheels: a card judged from elsewhere is taken to have it.
+BUNDLED_TRITON = "bundled with torch"
+
+
+def profiles_report(table: dict, vram_gb: float | None, ram_gb: float | None, allow_lossy: bool = False,
+                    arch: str | None = None, torch_version: str | None = None, card_name: str | None = None) -> dict:
+    """What `zfarm profiles --json` prints: every class's choice, and for this card the choice, the
+    profiles left out with the reason for each, and the card's expected speed (a model)."""
+    card = cards.find(card_name) if card_name else None
+    if card_name and card is None:
+        raise UsageError(f"--card {card_name!r}: not a card zfarm knows (known: "
+                         f"{', '.join(c.name for c in cards.CARDS)})")
+    if card is not None:
+        vram_gb = card.vram_gb if vram_gb is None else vram_gb
+        arch = arch or card.arch
+    caps = None
+    if arch:
+        torch_version = torch_version or (table.get("measured") or {}).get("torch") or ""
+        caps = archs.capabilities(archs.parse_arch(arch).name, torch_version, BUNDLED_TRITON)
     vram_class = profiles.CPU_CLASS if vram_gb is None else profiles.class_for_override(vram_gb)
-    report = {"classes": profiles.class_table(table, ram_gb, allow_lossy), "source": table.get("source"),
-              "vram_gb": vram_gb, "ram_gb": ram_gb, "allow_lossy": allow_lossy}
+    report = {"classes": profiles.class_table(table, ram_gb, allow_lossy, caps), "source": table.get("source"),
+              "vram_gb": vram_gb, "ram_gb": ram_gb, "allow_lossy": allow_lossy,
+              "arch": caps.arch if caps else None, "capabilities": caps.to_dict() if caps else None,
+              "card": card.name if card else None}
+    found, excluded = profiles.assess(table, vram_class, ram_gb, allow_lossy, caps)
+    report["excluded"] = excluded
     try:
-        report["chosen"] = profiles.choose(table, vram_class, ram_gb, allow_lossy=allow_lossy).to_dict()
+        chosen = profiles.choose(table, vram_class, ram_gb, allow_lossy=allow_lossy, caps=caps)
     except profiles.ProfileError as exc:
         report["chosen"] = None
         report["error"] = str(exc)
+        return report
+    report["chosen"] = chosen.to_dict()
+    report["excluded"] += [{"profile": c.profile, "reason": f"fits, but the chooser prefers {chosen.profile}"}
+                           for c in found if c.profile != chosen.profile]
+    row = profiles.row_for(table, chosen)
+    expected_on = [card] if card else (cards.cards_for(caps.arch, vram_class) if caps else [])
+    report["chosen"]["expected"] = [e for e in (cards.expected_s_per_image(row, c) for c in expected_on) if e]
     return report
 
 
@@ -432,7 +467,8 @@ def _fidelity_cell(row: dict) -> str:
 def cmd_profiles(args) -> int:
     settings = Settings.from_env()
     allow_lossy = settings.allow_lossy if args.allow_lossy is None else args.allow_lossy
-    report = profiles_report(profiles.load_table(settings.profile_table), args.vram_gb, args.ram_gb, allow_lossy)
+    report = profiles_report(profiles.load_table(settings.profile_table), args.vram_gb, args.ram_gb, allow_lossy,
+                             args.arch, args.torch, args.card)
     if args.json:
         _print_json(report)
         return EXIT_OK
@@ -443,13 +479,23 @@ def cmd_profiles(args) -> int:
                            r.get("peak_reserved_gib"), r.get("host_rss_gib"), r.get("max_pixels"),
                            r.get("cap_gib"), _fidelity_cell(r)]
                           for r in report["classes"]], tty)
-    card = "cpu" if args.vram_gb is None else f"a {args.vram_gb:g} GB card"
+    card = report["card"] or ("cpu" if report["vram_gb"] is None else f"a {report['vram_gb']:g} GB card")
+    card += f" ({report['arch']})" if report["arch"] else ""
     if report["chosen"]:
         chosen = report["chosen"]
-        _say(f"{card} runs profile {chosen['profile']} (class {profiles.class_label(chosen['vram_class'])}); "
-             f"table: {report['source']}")
+        _say(f"{card} runs profile {chosen['profile']} (class {profiles.class_label(chosen['vram_class'])}), "
+             f"measured on {chosen['measured_on'] or 'an unrecorded card'}; table: {report['source']}")
+        for expected in chosen.get("expected", []):
+            _say(f"  expected on {expected['card']}: {expected['s_per_image']:g} s/img (a model, not a "
+                 f"measurement: {expected['basis']})")
     else:
         _say(f"{card}: {report['error']}")
+    if report["arch"] and report["excluded"]:
+        _say("left out:")
+        for item in report["excluded"]:
+            _say(f"  {item['profile']}: {item['reason']}")
+    elif not report["arch"] and report["vram_gb"] is not None:
+        _say("(add --arch sm_XY or --card NAME to judge a card by what its architecture can run)")
     return EXIT_OK
 
 

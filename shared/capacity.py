@@ -31,21 +31,33 @@ class Advice:
     add: dict = field(default_factory=dict)  # class -> workers to add (each option on its own)
     remove: dict = field(default_factory=dict)  # class -> workers that could go and still meet it
     stranded_tiers: list = field(default_factory=list)  # tiers no live worker serves
+    speeds: list = field(default_factory=list)  # each live worker's s/img and where the figure comes from
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def worker_speed_s(worker: dict, table: dict) -> float | None:
-    for key in ("s_per_image", "s_per_image_measured"):
+# Where a worker's speed comes from, best first: its own moving average; its card's speed modelled from
+# the measuring card's (shared.cards); the measuring card's own figure for its profile.
+SPEED_SOURCES = (("s_per_image", "measured on this worker"), ("s_per_image_expected", "model for its card"),
+                 ("s_per_image_measured", "the measuring card's figure"))
+
+
+def worker_speed(worker: dict, table: dict) -> tuple[float | None, str]:
+    """(seconds per reference image, where the figure comes from) for a live worker."""
+    for key, source in SPEED_SOURCES:
         value = worker.get(key)
         if isinstance(value, (int, float)) and value > 0:
-            return float(value)
+            return float(value), source
     vram_class = worker.get("vram_class")
     try:
-        return profiles.choose(table, vram_class).s_per_image
+        return profiles.choose(table, vram_class).s_per_image, "the class's figure in the table"
     except (profiles.ProfileError, KeyError, TypeError):
-        return None
+        return None, "unknown"
+
+
+def worker_speed_s(worker: dict, table: dict) -> float | None:
+    return worker_speed(worker, table)[0]
 
 
 def _tier_min_pixels(tier: str, max_pixels: dict) -> int:
@@ -75,9 +87,10 @@ def finish_s(backlog: list[Backlog], workers: list[tuple[int, float]], max_pixel
 
 def advise(backlog: list[Backlog], live_workers: list[dict], table: dict, deadline_s: float | None) -> Advice:
     max_pixels = profiles.max_pixels_by_class(table)
-    fleet = []
+    fleet, speeds = [], []
     for w in live_workers:
-        speed = worker_speed_s(w, table)
+        speed, source = worker_speed(w, table)
+        speeds.append({"name": w.get("name", ""), "gpu": w.get("gpu", ""), "s_per_image": speed, "source": source})
         if speed:
             fleet.append((int(w.get("max_pixels") or 0), speed, w.get("vram_class")))
     pairs = [(px, s) for px, s, _ in fleet]
@@ -85,7 +98,8 @@ def advise(backlog: list[Backlog], live_workers: list[dict], table: dict, deadli
     advice = Advice(
         remaining_jobs=sum(b.jobs for b in backlog), remaining_work_units=round(work, 2),
         fleet_images_per_hour=round(sum(3600.0 / s for _, s in pairs), 1),
-        expected_finish_s=finish_s(backlog, pairs, max_pixels), deadline_s=deadline_s, meets_deadline=None)
+        expected_finish_s=finish_s(backlog, pairs, max_pixels), deadline_s=deadline_s, meets_deadline=None,
+        speeds=speeds)
     advice.stranded_tiers = sorted({b.tier for b in backlog if b.work_units and not any(
         px >= _tier_min_pixels(b.tier, max_pixels) for px, _ in pairs)})
     if deadline_s is None:

@@ -199,6 +199,12 @@ def assess(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: b
     return out, excluded
 
 
+def row_for(table: dict, choice: Choice) -> dict:
+    """The table row a choice rests on ({} for a forced or CPU choice)."""
+    return next((r for r in table.get("runs", []) if r.get("profile") == choice.profile
+                 and measured_on(r) == choice.measured_on), {})
+
+
 def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False,
                caps=None) -> list[Choice]:
     """Every measured profile that fits the class and host, the card and the fidelity rule, fastest first."""

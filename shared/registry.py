@@ -15,7 +15,8 @@ from shared import keys, lua
 
 # Moving-average weight of the newest render time in s_per_image.
 EMA_WEIGHT = 0.2
-_NUMERIC = ("vram_gb", "max_pixels", "host_ram_gb", "started_at", "last_seen", "pid", "simulate_s")
+_NUMERIC = ("vram_gb", "max_pixels", "host_ram_gb", "started_at", "last_seen", "pid", "simulate_s", "s_per_image_measured",
+            "s_per_image_expected")
 
 
 def register(client: redis.Redis, info: dict, ttl_s: float) -> None:

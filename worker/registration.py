@@ -15,7 +15,7 @@ import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
-from shared import keys, registry, routing
+from shared import cards, keys, profiles, registry, routing
 from shared.redis_conn import connect
 from worker import config, draining, loading, metrics
 from worker.startup import EX_CONFIG
@@ -50,7 +50,16 @@ def registration(settings) -> dict:
         "arch": boot.arch, "capabilities": sorted(boot.capabilities.features) if boot.capabilities else [],
         "emulated_on": boot.capabilities.emulated_on if boot.capabilities else "",
         "self_test": STATE.self_test, **STATE.step_down,
+        # This card's speed on its profile as modelled from the measuring card's: what scale-advice counts
+        # on until the worker's own average (s_per_image) exists.
+        "s_per_image_expected": _expected_s_per_image(boot),
     }
+
+
+def _expected_s_per_image(boot):
+    card = cards.find(boot.gpu)
+    expected = cards.expected_s_per_image(profiles.row_for(config.table(), boot.choice), card) if card else None
+    return expected["s_per_image"] if expected else ""
 
 
 def _adopt_step_down(report: dict) -> None:

@@ -210,6 +210,11 @@ class DiffusionRenderer:
 
         self._versions = versions()
         t1 = time.monotonic()
+        caps = getattr(self.boot, "capabilities", None)
+        if caps is not None and caps.emulated_on:
+            from worker.engine import emulation
+
+            emulation.activate(caps.arch, caps.torch, caps.triton, caps.emulated_on)
         if self.device == "cuda":
             torch.cuda.init()
             if self.boot.cap_gib:

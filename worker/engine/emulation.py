@@ -104,8 +104,10 @@ def _front_end(src, target, options) -> None:
     module = src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
     stages: dict = {}
     backend.add_stages(stages, opts, src.language)
-    metadata: dict = {}
-    for name, stage in list(stages.items())[1:]:
+    metadata: dict = {"target": target, **opts.__dict__}
+    # From the source's own stage (TTIR: inlining and the rest), as triton.compile runs them.
+    first = list(stages).index(src.ext)
+    for name, stage in list(stages.items())[first:]:
         module = stage(module, metadata)
         if name == _STOP_AFTER:
             break
