@@ -185,6 +185,11 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     `emulate` ("sm_86") the process plays that architecture (worker.engine.emulation) first."""
     if device == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
+    if emulate:
+        # Caches of its own: kernels cached for the real card would skip the emulated card's checks.
+        from worker.engine.diffusion import use_compile_cache
+
+        use_compile_cache(os.path.join(tempfile.gettempdir(), f"zfarm-bench-compile-emulated-{emulate}"))
     import torch
 
     from worker.engine import emulation, fp8, pipeline, placement, specs

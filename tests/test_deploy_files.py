@@ -300,3 +300,14 @@ def test_the_dashboard_and_operations_guide_query_only_metrics_that_exist():
     for where, names in (("dashboard", metric_names_in(exprs)), ("operations.md", metric_names_in_guide(guide))):
         unknown = names - exported
         assert not unknown, f"{where} names metrics nobody exports: {sorted(unknown)}"
+
+
+def test_the_worker_image_ships_the_torch_release_the_profile_table_was_measured_with():
+    import json
+
+    base = next(line for line in (DEPLOY / "Dockerfile.worker").read_text().splitlines()
+                if line.startswith("ARG BASE_IMAGE="))
+    image_torch = base.split(":", 1)[1].split("-", 1)[0]
+    table = json.loads((DEPLOY.parent / "bench" / "results" / "profile_table.json").read_text())
+    measured = table["measured"]["torch"].split("+")[0]
+    assert image_torch.rsplit(".", 1)[0] == measured.rsplit(".", 1)[0], (image_torch, measured)

@@ -204,13 +204,18 @@ class DiffusionRenderer:
         naming each profile tried with its error, when every one fails."""
         if self.device == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
-        self.compile_cache_dir = use_compile_cache(self.settings.compile_cache_dir)
+        caps = getattr(self.boot, "capabilities", None)
+        cache_dir = self.settings.compile_cache_dir
+        if cache_dir and caps is not None and caps.emulated_on:
+            # A compile cache filled as the real card would hand back kernels the emulated card's Triton
+            # refuses, without compiling them again: each played architecture keeps caches of its own.
+            cache_dir = os.path.join(cache_dir, f"emulated-{caps.arch}")
+        self.compile_cache_dir = use_compile_cache(cache_dir)
         t0 = time.monotonic()
         import torch
 
         self._versions = versions()
         t1 = time.monotonic()
-        caps = getattr(self.boot, "capabilities", None)
         if caps is not None and caps.emulated_on:
             from worker.engine import emulation
 
