@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,6 +206,32 @@ def row_for(table: dict, choice: Choice) -> dict:
                  and measured_on(r) == choice.measured_on), {})
 
 
+def why_none(excluded: list[dict]) -> str:
+    """Why profiles were left out, counted: "29 need bf16 (not on sm_75); 12 need fp8_matmul (not on
+    sm_75); 5 need more host RAM; ...", the most common first. A profile lacking several capabilities
+    counts under each."""
+    groups: dict[str, int] = {}
+    missing_caps = re.compile(r"^needs (.+), which (\S+) does not offer$")
+    for item in excluded:
+        reason = item["reason"]
+        missing = missing_caps.match(reason)
+        if missing:
+            keys = [f"need {need} (not on {missing.group(2)})" for need in missing.group(1).split(", ")]
+        elif "host RAM" in reason:
+            keys = ["need more host RAM"]
+        elif "cap" in reason:
+            keys = ["need more VRAM than the class has"]
+        elif reason.startswith("lossy") or "differ visibly" in reason:
+            keys = ["are lossy and not shown faithful"]
+        elif reason == "never measured":
+            keys = ["were never measured"]
+        else:
+            keys = ["failed their run"]
+        for key in keys:
+            groups[key] = groups.get(key, 0) + 1
+    return "; ".join(f"{n} {k}" for k, n in sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False,
                caps=None) -> list[Choice]:
     """Every measured profile that fits the class and host, the card and the fidelity rule, fastest first."""
@@ -239,14 +266,14 @@ def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = 
             if choice.profile == forced:
                 return choice
         return Choice(vram_class, forced, None, None, None, REFERENCE_PIXELS, CLASS_CAPS_GIB[vram_class])
-    found = candidates(table, vram_class, ram_gib, allow_lossy, caps)
+    found, excluded = assess(table, vram_class, ram_gib, allow_lossy, caps)
     if not found:
         card = f" on {caps.arch}" if caps is not None else ""
         raise NoProfileFits(
             f"no measured profile fits class {class_label(vram_class)}{card} "
             f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}"
-            f"{'' if allow_lossy else ' among those that keep images as bf16 renders them (ZFARM_ALLOW_LOSSY=1 admits the rest)'}; "
-            "measure one with bench/profiles.py or force one with --profile")
+            f"{'' if allow_lossy else ' among those that keep images as bf16 renders them (ZFARM_ALLOW_LOSSY=1 admits the rest)'}"
+            f" ({why_none(excluded)}); measure one with bench/profiles.py or force one with --profile")
     return found[0] if vram_class == CPU_CLASS else _prefer_reach(found)
 
 
