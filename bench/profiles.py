@@ -18,6 +18,9 @@ With --fidelity-dir each run also keeps two seeds' decoded images, and the matri
 every run with the bf16 resident eager run (`resident@none`) on the same seeds: relative L2, PSNR,
 largest 8-bit difference, and whether the change counts as visible (worst seed under 40 dB).
 `+batch=N` in a plan item renders N images per pipeline call (exploration, never in the table).
+`+emulate_arch=sm_86` plays that architecture on the GPU at hand (`worker.engine.emulation`): capabilities
+as that card's, Triton code checked for its target; the row says so (`emulated_arch`), and its speeds
+are the GPU at hand's.
 With --host-memory-limit-gib each run is limited to that much host memory (bench/memory_limit.py):
 finishing there proves the profile fits a host with HOST_RESERVE_GIB more.
 
@@ -26,7 +29,7 @@ finishing there proves the profile fits a host with HOST_RESERVE_GIB more.
   python -m bench.profiles matrix DIR "PROFILE@CAP[+key=value...]" ... --jsonl FILE [--deadline-s S]
                                    [--fidelity-dir D] [--host-memory-limit-gib G]
   python -m bench.profiles fidelity D [--jsonl FILE]     # compare kept images again
-  python -m bench.profiles smoke            # every profile on the tiny pipeline (catches errors cheaply)
+  python -m bench.profiles smoke [--device cpu]   # every profile on the tiny pipeline (catches errors cheaply)
   python -m bench.profiles worker-check DIR --vram-class N --table T --jsonl FILE
   python -m bench.profiles table FILE.jsonl ... [--out bench/results/profile_table.json]
 
@@ -119,10 +122,14 @@ def _environment() -> dict:
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
 
 
-def _split_run_settings(items: list[str]) -> tuple[dict, int]:
-    """(profile field overrides, images per call) from key=value items: batch is a run setting."""
+def _split_run_settings(items: list[str]) -> tuple[dict, int, str]:
+    """(profile field overrides, images per call, architecture played) from key=value items: batch and
+    emulate_arch are run settings, not profile fields."""
+    from shared import archs
+
     overrides = _parse_overrides(items)
-    return overrides, int(overrides.pop("batch", 1))
+    emulated = str(overrides.pop("emulate_arch", ""))
+    return overrides, int(overrides.pop("batch", 1)), archs.parse_arch(emulated).name if emulated else ""
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -166,15 +173,33 @@ class StageClock:
         self.text_s = self.vae_s = 0.0
 
 
+def _play_arch(arch: str) -> dict:
+    """Play GPU architecture `arch` ("sm_86") in this process (`worker.engine.emulation`): the capabilities
+    the engine sees, and Triton code checked for that target before it compiles. Returns the record's
+    arch fields: the real architecture and the one played."""
+    import torch
+
+    from shared import archs
+    from worker.engine import detect, emulation
+
+    real = archs.arch_name(torch.cuda.get_device_capability())
+    caps = emulation.activate(arch, torch.__version__, detect.package_version("triton"), real)
+    return {"arch": real, "emulated_arch": caps.arch}
+
+
 def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict, n: int, size: int, steps: int,
-            probe_sides: tuple, device: str = "cuda", fidelity_dir: str = "", batch: int = 1) -> dict:
+            probe_sides: tuple, device: str = "cuda", fidelity_dir: str = "", batch: int = 1,
+            emulate_arch: str = "") -> dict:
     """Measure one profile in this process. Returns the run record (ok False with the error on failure).
-    With `batch` > 1 each call renders that many images of one prompt; s_per_image is per image."""
+    With `batch` > 1 each call renders that many images of one prompt; s_per_image is per image. With
+    `emulate_arch` ("sm_86") the GPU plays that architecture (`_play_arch`): the run says so, and
+    compiles only what that card's Triton would, at this card's speed."""
     if device == "cuda":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
 
-    from worker.engine import fp8, pipeline, placement, specs
+    from shared import archs
+    from worker.engine import fp8, int8, pipeline, placement, specs
     from worker.engine.diffusion import is_out_of_memory
 
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
@@ -182,6 +207,10 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
               "host_rss_gib": None, "max_pixels": None, "size": size, "steps": steps, "n": n,
               "overrides": overrides or {}, "batch": batch, **_environment()}
     cuda = device == "cuda"
+    if cuda:
+        record["arch"] = archs.arch_name(torch.cuda.get_device_capability())
+        if emulate_arch:
+            record.update(_play_arch(emulate_arch))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda and cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -191,9 +220,10 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     try:
         t0 = time.perf_counter()
         applied = profile if cuda else specs.CPU_PROFILE
-        dtype = torch.float32 if applied == specs.CPU_PROFILE else pipeline.default_dtype(device)
+        dtype = pipeline.load_dtype(specs.spec_for(applied, overrides), device)
         pipe = pipeline.load_pipeline(model_dir, dtype, gpu_components=specs.gpu_components(applied, overrides)
-                                      if cuda else (), device=device)
+                                      if cuda else (), device=device,
+                                      stream_loaded=specs.stream_loaded(applied, overrides) if cuda else None)
         spec = placement.apply_profile(pipe, applied, device, overrides)
         pipe.set_progress_bar_config(disable=True)
         sync()
@@ -201,7 +231,10 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["host_rss_after_load_gib"] = _host_peak_rss_gib()
         record["host_memory_after_load"] = memory.record()
         record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
+        record["requires"] = list(specs.requirements(spec))
+        record["dtype"] = str(dtype).replace("torch.", "")
         record["fp8_matmul"] = fp8.has_fp8_matmul(device)
+        record["int8_matmul"] = int8.has_int8_matmul(device)
         clock = StageClock(pipe, sync)
 
         def call(seed: int, side: int, n_steps: int) -> float:
@@ -235,14 +268,15 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["max_pixels"] = size * size
         if fidelity_dir and batch == 1:
             stage = "fidelity images"
-            save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch), size, steps)
+            save_fidelity_images(pipe, fidelity_dir, run_label(profile, cap_gib, overrides, batch, emulate_arch),
+                                 size, steps)
         if cuda:
             stage = "kernel trace"
             record["trace"] = kernel_trace(lambda: call(FIDELITY_SEEDS[0], size, steps))
             if os.environ.get("ZFARM_BENCH_TRACE_DIR"):
                 record["trace"]["timeline"] = timeline_trace(
                     lambda: call(FIDELITY_SEEDS[0], size, 2), os.environ["ZFARM_BENCH_TRACE_DIR"],
-                    run_label(profile, cap_gib, overrides, batch))
+                    run_label(profile, cap_gib, overrides, batch, emulate_arch))
         stage = "max_pixels probes"
         record["probes"] = probe_max_pixels(pipe, call, cap_gib, probe_sides, spec.compile and cuda, record)
     except (RuntimeError, MemoryError, ValueError) as exc:
@@ -268,12 +302,12 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     return record
 
 
-def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1) -> str:
-    """A file-name-safe name of one run: PROFILE@CAP[+key=value...]."""
+def run_label(profile: str, cap_gib, overrides: dict | None, batch: int = 1, emulated_arch: str = "") -> str:
+    """A file-name-safe name of one run: PROFILE@CAP[+key=value...], itself a plan item."""
     label = f"{profile}@{'none' if cap_gib is None else f'{cap_gib:g}'}"
     for key, value in sorted((overrides or {}).items()):
         label += f"+{key}={value}"
-    return label + (f"+batch={batch}" if batch > 1 else "")
+    return label + (f"+batch={batch}" if batch > 1 else "") + (f"+emulate_arch={emulated_arch}" if emulated_arch else "")
 
 
 def save_fidelity_images(pipe, folder: str, label: str, size: int, steps: int) -> None:
@@ -446,6 +480,12 @@ def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
     return profile, cap_gib, sets
 
 
+def _played(sets: list[str]) -> dict:
+    """{"emulated_arch": ...} for a plan item's settings that play another architecture, else {}."""
+    emulated = _split_run_settings(sets)[2]
+    return {"emulated_arch": emulated} if emulated else {}
+
+
 def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int,
                fidelity_dir: str = "", host_memory_limit_gib: float | None = None) -> None:
     """Each plan item in a fresh process; with `host_memory_limit_gib`, each under that host-memory
@@ -477,11 +517,11 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
                     tail = (proc.stderr or "")[-1500:]
                     if record is None:
                         record = {"profile": profile, "cap_gib": cap_gib, "ok": False,
-                                  "overrides": _parse_overrides(sets),
+                                  "overrides": _parse_overrides(sets), **_played(sets),
                                   "error": f"process exited {proc.returncode} without a result: {tail[-600:]}"}
                 except subprocess.TimeoutExpired:
                     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
-                              "error": f"timed out after {timeout_s} s"}
+                              **_played(sets), "error": f"timed out after {timeout_s} s"}
                 if limit is not None:
                     record.update(limit.report(), page_cache_dropped=True)
             record["wall_s"] = round(time.monotonic() - t0, 1)
@@ -512,8 +552,19 @@ def _fidelity_summary(record: dict) -> str:
             f"{'VISIBLY DIFFERENT' if record['visibly_different'] else 'not visibly different'}")
 
 
+def _smoke_on_cpu(name: str) -> bool:
+    """Whether the CPU smoke run tries this GPU profile (as far as a CPU applies it): the int8 ones, whose
+    arithmetic a CPU computes as a GPU does (`worker.engine.int8.has_int8_matmul`)."""
+    from worker.engine import specs
+
+    spec = specs.spec_for(name)
+    return not spec.recipe and any(p.startswith("int8mm") for p in (spec.transformer, spec.text_encoder))
+
+
 def smoke(device: str) -> int:
-    """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process."""
+    """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process. On a
+    CPU: the cpu profile, and the int8 profiles as far as a CPU applies them (`specs.on_cpu`: resident, no
+    pinning, no CUDA graph), compiled where they compile."""
     import torch
 
     from worker.engine import pipeline, placement, specs, tiny
@@ -522,21 +573,26 @@ def smoke(device: str) -> int:
     with tempfile.TemporaryDirectory() as folder:
         tiny.build_tiny(folder)
         for name in specs.PROFILES:
-            if device != "cuda" and name != specs.CPU_PROFILE:
+            cpu_trial = device != "cuda" and _smoke_on_cpu(name)
+            if device != "cuda" and name != specs.CPU_PROFILE and not cpu_trial:
                 continue
             t0 = time.perf_counter()
+            pipe = None
             try:
-                dtype = torch.float32 if name == specs.CPU_PROFILE else pipeline.default_dtype(device)
-                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=specs.gpu_components(name), device=device)
-                spec = placement.apply_profile(pipe, name, device)
+                dtype = pipeline.load_dtype(specs.spec_for(name), device)
+                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=specs.gpu_components(name), device=device,
+                                              stream_loaded=specs.stream_loaded(name))
+                spec = placement.apply_profile(pipe, name, device, cpu_trial=cpu_trial)
                 pipe.set_progress_bar_config(disable=True)
                 image = pipe(prompt="a cat", height=256, width=256, num_inference_steps=2, guidance_scale=0.0,
                              generator=torch.Generator("cpu").manual_seed(0)).images[0]
-                status = f"ok {image.size} compile={spec.compile or '-'}"
+                left_out = specs.on_cpu(specs.spec_for(name))[1] if cpu_trial else []
+                status = (f"ok {image.size} compile={spec.compile or '-'} dtype={str(dtype).replace('torch.', '')}"
+                          + (f" (on the CPU without {', '.join(left_out)})" if left_out else ""))
             except Exception as exc:  # a smoke test reports every failure and goes on to the next profile
                 failures += 1
                 status = f"FAILED {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            print(f"smoke {name:28s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
+            print(f"smoke {name:38s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
             pipe = None
             torch._dynamo.reset()
             if device == "cuda":
@@ -595,7 +651,7 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     label and follows it in the file)."""
     import dataclasses
 
-    from worker.engine.specs import PROFILES, Spec, is_lossy, spec_for
+    from worker.engine.specs import PROFILES, Spec, is_lossy, requirements, spec_for
 
     # A field added to Spec after a run was recorded had its default then; one removed since (an option
     # measured and dropped) is ignored.
@@ -626,10 +682,14 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
                 continue
             if rec.get("check") or rec.get("profile") not in PROFILES or rec.get("batch", 1) != 1 or not current(rec):
                 continue
-            key = (rec["profile"], rec.get("cap_gib"))
-            latest[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])))
+            # A run playing another architecture is a row of its own: it speaks for cards of that architecture.
+            key = (rec["profile"], rec.get("cap_gib"), rec.get("emulated_arch") or "")
+            # What the chooser checks a card against: the definition's needs (the run is of that definition).
+            latest[key] = dict(rec, lossy=is_lossy(spec_for(rec["profile"])),
+                               requires=list(requirements(spec_for(rec["profile"]))))
             by_device.setdefault(key, {})[rec.get("device")] = latest[key]
-            by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"))] = key
+            by_label[run_label(rec["profile"], rec.get("cap_gib"), rec.get("overrides"), 1,
+                               rec.get("emulated_arch") or "")] = key
     # The table's machine is the GPU most of its profiles were measured on: a profile run there keeps
     # that run even if a later one ran on another card (a lent machine is not always the same kind);
     # one measured only elsewhere keeps its latest run. Each row names its GPU.
@@ -638,13 +698,15 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     runs = {key: by_device[key].get(common, rec) for key, rec in latest.items()}
     env = next((rec for rec in runs.values() if rec.get("ok") and rec.get("device") == common), env)
     keys = ("profile", "cap_gib", "ok", "error", "s_per_image", "first_s", "load_s", "peak_alloc_gib",
-            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy")
-    extra = ("device", "fidelity", "fp8_matmul", "stages_s", "s_per_call", "host_rss_after_load_gib",
+            "peak_reserved_gib", "host_rss_gib", "max_pixels", "size", "steps", "n", "lossy", "requires")
+    extra = ("device", "arch", "emulated_arch", "dtype", "fidelity", "fp8_matmul", "int8_matmul", "stages_s",
+             "s_per_call", "host_rss_after_load_gib",
              "host_anon_peak_gib", "host_file_peak_gib", "host_shmem_peak_gib", "host_used_rise_gib",
              "pinned_peak_gib", "host_memory_limit_gib", "host_memory_limit_peak_gib", "host_memory_limit_events",
              "probes", "spec")
     rows = [{k: rec.get(k) for k in keys + extra if k in keys or rec.get(k) is not None}
-            for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9))]
+            for rec in sorted(runs.values(), key=lambda r: (r["profile"], r.get("cap_gib") or 1e9,
+                                                            r.get("emulated_arch") or ""))]
     table = {"schema": 1,
              "measured": {k: env.get(k) for k in ("device", "driver", "torch", "diffusers", "transformers", "date",
                                                   "alloc_conf")} | {"size": SIZE_PX, "steps": STEPS,
@@ -685,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("profile")
     p.add_argument("--cap-gib", type=float)
-    p.add_argument("--set", action="append", default=[], help="override a profile field: key=value")
+    p.add_argument("--set", action="append", default=[],
+                   help="override a profile field, or a run setting (batch=N, emulate_arch=sm_86): key=value")
     p.add_argument("--n", type=int, default=WARM_IMAGES)
     p.add_argument("--size", type=int, default=SIZE_PX)
     p.add_argument("--steps", type=int, default=STEPS)
@@ -730,9 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(tiny.build_full(args.dir)), flush=True)
         return 0
     if args.command == "run":
-        overrides, batch = _split_run_settings(args.set)
+        overrides, batch, emulated = _split_run_settings(args.set)
         record = measure(args.dir, args.profile, args.cap_gib, overrides, args.n, args.size,
-                         args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch)
+                         args.steps, PROBE_SIDES_PX, args.device, args.fidelity_dir, batch, emulated)
         if args.result:
             Path(args.result).write_text(json.dumps(record))
         if args.jsonl:
