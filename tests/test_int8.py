@@ -66,7 +66,7 @@ def test_an_int8_linear_matches_the_float_product_within_int8_rounding(dtype, in
     out = layer(x.to(dtype))
     assert out.shape == (3, 70, 384) and out.dtype == dtype
     # Rounding both operands to 8 bits: ~1.2% for normal activations (~0.9% for the weight alone), where
-    # bf16 alone is ~0.3%. Figures at the DiT's 3840 width are in docs/profiles.md.
+    # bf16 alone is ~0.3%. Figures at the DiT's 3840 width are in docs/performance.md.
     assert relative_error(out, x.double() @ weight.double().t() + bias.double()) < bound
 
 
