@@ -113,6 +113,15 @@ def test_all_zero_rows_give_the_bias_and_an_all_zero_weight_channel_gives_zeros_
     assert (row_scale == int8.MIN_SCALE).all()
 
 
+def test_a_strided_input_is_multiplied_as_its_contiguous_copy_with_the_weight_laid_out_for_cublaslt():
+    torch.manual_seed(0)
+    layer = int8.Int8Linear.from_linear(torch.nn.Linear(64, 48), torch.float32, True)
+    x = torch.randn(64, 40).t()  # rows with a stride: cuBLASLt refuses a transposed first operand
+    assert not x.is_contiguous()
+    assert torch.equal(layer(x), layer(x.contiguous()))
+    assert layer.weight.is_contiguous() and layer.weight.t().stride() == (1, 64)
+
+
 def test_int8_tensors_are_frozen_parameters_so_that_group_offload_moves_them_back_to_the_host():
     layer = int8.Int8Linear.from_linear(torch.nn.Linear(32, 48), torch.bfloat16, True)
     params = dict(layer.named_parameters())

@@ -96,7 +96,9 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight_int8.shape
         self.compute_dtype = compute_dtype
         self.int8_matmul = int8_matmul
-        # (out, in), row-major: `weight.t()` is the column-major second operand cuBLASLt's int8 kernels take.
+        # (out, in), row-major, so that `weight.t()` is a column-major second operand: with row-major rows
+        # first, the one layout cuBLASLt's int8 kernels take on every card and CUDA release zfarm runs
+        # (sm_75 needs CUDA 12.3 or later for it; a row-major second operand fails on CUDA 13: torch's test__int_mm).
         self.weight = torch.nn.Parameter(weight_int8.contiguous(), requires_grad=False)
         # (1, out): broadcasts over the (rows, out) product.
         self.weight_scale = torch.nn.Parameter(scale.reshape(1, -1).float().contiguous(), requires_grad=False)
@@ -142,7 +144,7 @@ class Int8Linear(torch.nn.Module):
         else:
             x_int8, x_scale = quantize_rows(rows)
             # int32 sums: at most in_features * 127 * 127, exact below 133,000 inputs.
-            acc = torch._int_mm(x_int8, self.weight.t())
+            acc = torch._int_mm(x_int8.contiguous(), self.weight.t())
             out = (acc.float() * x_scale * self.weight_scale).to(self.compute_dtype)
             if self.bias is not None:
                 out = out + self.bias
