@@ -34,8 +34,8 @@ def assert_same_model(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert [(n, type(m)) for n, m in a.named_modules()] == [(n, type(m)) for n, m in b.named_modules()]
     left, right = dict([*a.named_parameters(), *a.named_buffers()]), dict([*b.named_parameters(), *b.named_buffers()])
     assert left.keys() == right.keys()
-    for name in left:
-        assert left[name].dtype == right[name].dtype and torch.equal(left[name], right[name]), name
+    for name, tensor in left.items():
+        assert tensor.dtype == right[name].dtype and torch.equal(tensor, right[name]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -182,7 +182,7 @@ def rss_growth(path: Path, how: str) -> int:
 
 def test_loading_tensor_by_tensor_grows_host_memory_by_a_tensor_or_the_kept_int8_not_by_the_component(tmp_path):
     """Peak RSS of a fresh process loading a 512 MiB float32 Linear stack into int8 layers: read whole
-    (safetensors' load_file) then converted, it grows by the whole component; read tensor by tensor for a
+    (safetensors' load_file) then converted, it grows by about the whole component; read tensor by tensor for a
     resident placement, by one tensor (the staging buffer); for a streamed one, which keeps the int8
     layers on the host, by those (a quarter) and one tensor."""
     path = tmp_path / "stack.safetensors"
@@ -192,6 +192,8 @@ def test_loading_tensor_by_tensor_grows_host_memory_by_a_tensor_or_the_kept_int8
     whole = rss_growth(path, "whole")
     resident = rss_growth(path, "resident")
     streamed = rss_growth(path, "streamed")
-    assert whole > 0.9 * COMPONENT_BYTES
+    # load_file's tensors view the mapped file, whose clean pages the kernel may drop under memory pressure:
+    # the whole component was seen from 0.8 to 2.2 times its size.
+    assert whole > COMPONENT_BYTES / 2
     assert resident < 2 * tensor_bytes
     assert streamed < int8_bytes + 2 * tensor_bytes

@@ -2,10 +2,11 @@
 activations rounded to int8 at each call with one scale per row (token).
 
 For GPUs with int8 tensor cores and no fp8 ones (Turing sm_75, Ampere sm_80/86): the matmul runs as
-int8 x int8 -> int32 (`torch._int_mm`, cuBLASLt's int8 kernels), is rescaled in float32 by the row and
-channel scales, and the bias is added in the compute dtype. Nothing here touches an fp8 type, so the
-code torch.compile generates around these layers is plain int8/float arithmetic that Triton compiles
-for any of those targets (Triton refuses e4m3 below sm_89).
+int8 x int8 -> int32 (`torch._int_mm`, cuBLASLt's int8 kernels, behind the op `int8_mm`), is rescaled
+in float32 by the row and channel scales, and the bias is added in the compute dtype. Nothing here
+touches an fp8 type, and the matmul itself is never Triton's, so the code torch.compile generates
+around these layers is plain int8/float elementwise work and reductions that Triton compiles for any of
+those targets (Triton refuses e4m3 below sm_89, and an int8 dot below sm_80).
 
 It is `worker.engine.fp8`'s Fp8Linear with int8 in place of e4m3: the same targets (the transformer
 blocks' projections of the DiT and of the text encoder; adaLN modulation, embedders and the final
@@ -38,6 +39,7 @@ __all__ = [
     "Int8Linear",
     "convert",
     "has_int8_matmul",
+    "int8_mm",
     "quantize_rows",
     "quantize_weight",
 ]
@@ -50,6 +52,24 @@ INT_MM_MIN_ROWS = 17
 _ALIGN = 8
 # Turing is the first architecture with int8 tensor cores (cuBLASLt IMMA).
 INT8_MATMUL_CAPABILITY = (7, 5)
+
+
+@torch.library.custom_op("zfarm::int8_mm", mutates_args=())
+def int8_mm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """int8 rows (M, K) times an int8 weight (N, K), transposed: (M, N) int32, by `torch._int_mm`.
+
+    An op of its own, so that torch.compile calls it as it is and never lowers the product itself:
+    inductor times Triton int8 matmul templates against cuBLASLt for `aten._int_mm` on GPUs with 68 or
+    more SMs, at compile time, and Triton cannot compile an int8 dot for sm_75 (RTX 2080 Ti, Titan RTX).
+    The weight stays row-major, so `weight.t()` is a column-major second operand: with row-major rows
+    first, the layout cuBLASLt's int8 kernels take on every card and CUDA release zfarm runs (sm_75 needs
+    CUDA 12.3 or later for it; a row-major second operand fails on CUDA 13: torch's test__int_mm)."""
+    return torch._int_mm(rows.contiguous(), weight.t())
+
+
+@int8_mm.register_fake
+def _int8_mm_shape(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], weight.shape[0]), dtype=torch.int32)
 
 
 def has_int8_matmul(device) -> bool:
@@ -96,9 +116,7 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight_int8.shape
         self.compute_dtype = compute_dtype
         self.int8_matmul = int8_matmul
-        # (out, in), row-major, so that `weight.t()` is a column-major second operand: with row-major rows
-        # first, the one layout cuBLASLt's int8 kernels take on every card and CUDA release zfarm runs
-        # (sm_75 needs CUDA 12.3 or later for it; a row-major second operand fails on CUDA 13: torch's test__int_mm).
+        # (out, in), row-major: the layout `int8_mm` needs.
         self.weight = torch.nn.Parameter(weight_int8.contiguous(), requires_grad=False)
         # (1, out): broadcasts over the (rows, out) product.
         self.weight_scale = torch.nn.Parameter(scale.reshape(1, -1).float().contiguous(), requires_grad=False)
@@ -144,7 +162,7 @@ class Int8Linear(torch.nn.Module):
         else:
             x_int8, x_scale = quantize_rows(rows)
             # int32 sums: at most in_features * 127 * 127, exact below 133,000 inputs.
-            acc = torch._int_mm(x_int8.contiguous(), self.weight.t())
+            acc = int8_mm(x_int8, self.weight)
             out = (acc.float() * x_scale * self.weight_scale).to(self.compute_dtype)
             if self.bias is not None:
                 out = out + self.bias
