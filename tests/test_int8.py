@@ -319,3 +319,25 @@ def test_a_streamed_profile_tried_on_the_cpu_keeps_its_weights_resident_and_says
 def test_a_gpu_profile_is_still_refused_on_the_cpu_unless_tried_there_on_purpose(tiny_dir):
     with pytest.raises(ProfileError, match="needs a CUDA GPU"):
         placement.apply_profile(object(), "int8mm_fast_compiled", "cpu")
+
+
+def test_a_streamed_int8_dit_compiles_beneath_the_offload_hooks_and_draws_the_eager_image(tiny_dir):
+    """int8mm_stream's path on the CPU: loaded in int8 for the host, fused, its blocks compiled beneath
+    diffusers' group-offload hooks (the CPU stands in for both ends: no CUDA stream here)."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu",
+                                  stream_loaded={"transformer": "int8mm_stream"})
+    spec = specs.spec_for("int8mm_fast_stream_pinned_compiled")
+    placement.convert_weights(pipe.transformer, spec.transformer, "cpu", torch.float32, spec)
+    assert isinstance(pipe.transformer.layers[0].attention.to_qkv, int8.Int8Linear)
+    eager = tiny_image(pipe)
+    torch._dynamo.reset()
+    try:
+        placement.compile_blocks_under_hooks(pipe.transformer)
+        apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=spec.blocks_per_group)
+        compiled = tiny_image(pipe)
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(compiled - eager).max() < 1e-3
