@@ -144,7 +144,7 @@ def test_concatenated_int8_layers_compute_exactly_what_the_layers_compute_side_b
 
 def test_int8_layers_with_and_without_a_bias_are_refused_rather_than_fused():
     layers = [int8.Int8Linear.from_linear(torch.nn.Linear(16, 8, bias=b), torch.float32, True) for b in (True, False)]
-    with pytest.raises(ValueError, match="only some have a bias"):
+    with pytest.raises(ProfileError, match="only some have a bias"):
         int8.Int8Linear.concat(layers)
 
 

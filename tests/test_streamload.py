@@ -153,8 +153,9 @@ CHILD = textwrap.dedent("""
     int8.Int8Linear.from_weight(torch.ones(8, 8).to("meta"), None, torch.float32, True)
     before = peak()
     if how == "whole":
+        # As diffusers and transformers load a component in another dtype: every tensor copied into memory.
         from safetensors.torch import load_file
-        model.load_state_dict(load_file(path), assign=True)
+        model.load_state_dict({k: v.clone() for k, v in load_file(path).items()}, assign=True)
         int8.convert(model, torch.float32, True, pattern=re.compile(r"^\\d+$"))
     elif how == "resident":
         # The meta device stands for the GPU: what goes there leaves the host, as a resident placement's does.
@@ -182,7 +183,8 @@ def rss_growth(path: Path, how: str) -> int:
 
 def test_loading_tensor_by_tensor_grows_host_memory_by_a_tensor_or_the_kept_int8_not_by_the_component(tmp_path):
     """Peak RSS of a fresh process loading a 512 MiB float32 Linear stack into int8 layers: read whole
-    (safetensors' load_file) then converted, it grows by about the whole component; read tensor by tensor for a
+    into memory (as a library loading in another dtype does) then converted, it grows by the whole
+    component; read tensor by tensor for a
     resident placement, by one tensor (the staging buffer); for a streamed one, which keeps the int8
     layers on the host, by those (a quarter) and one tensor."""
     path = tmp_path / "stack.safetensors"
@@ -192,8 +194,6 @@ def test_loading_tensor_by_tensor_grows_host_memory_by_a_tensor_or_the_kept_int8
     whole = rss_growth(path, "whole")
     resident = rss_growth(path, "resident")
     streamed = rss_growth(path, "streamed")
-    # load_file's tensors view the mapped file, whose clean pages the kernel may drop under memory pressure:
-    # the whole component was seen from 0.8 to 2.2 times its size.
-    assert whole > COMPONENT_BYTES / 2
+    assert whole > 0.9 * COMPONENT_BYTES
     assert resident < 2 * tensor_bytes
     assert streamed < int8_bytes + 2 * tensor_bytes

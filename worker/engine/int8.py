@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from shared import archs
+from shared.errors import ProfileError
 from worker.engine import emulation
 from worker.engine.fp8 import DIT_TARGETS, TEXT_ENCODER_TARGETS, targets_for
 
@@ -145,7 +146,7 @@ class Int8Linear(torch.nn.Module):
         first = layers[0]
         biases = [layer.bias for layer in layers]
         if any(b is None for b in biases) and any(b is not None for b in biases):
-            raise ValueError("cannot fuse layers where only some have a bias")
+            raise ProfileError("cannot fuse layers where only some have a bias")
         bias = None if biases[0] is None else torch.cat([b.data for b in biases])
         return cls(torch.cat([layer.weight.data for layer in layers]),
                    torch.cat([layer.weight_scale.data for layer in layers], dim=1).reshape(-1, 1),

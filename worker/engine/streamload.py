@@ -136,7 +136,7 @@ def load_into(model: torch.nn.Module, files: list[str], dtype: torch.dtype, devi
     """Fill `model`, built on the meta device, with the tensors of `files`, one at a time.
 
     Floating-point tensors are cast to `dtype` (float32 for the modules the model keeps in float32);
-    others keep their type. Each Linear layer named in `targets` is replaced by
+    others keep their type. Each Linear layer named in `targets` (which then need `convert`) is replaced by
     `convert(weight, bias)`, called with the weight on `work_device` (default: `device`) in `dtype` and
     the bias on `device`; whatever it returns is the layer, where it put it. Every other tensor goes to
     `device`. Buffers the model made itself (not in the checkpoint) are moved to `device`. Tensors the
@@ -145,8 +145,6 @@ def load_into(model: torch.nn.Module, files: list[str], dtype: torch.dtype, devi
     device = torch.device(device)
     work_device = torch.device(work_device) if work_device is not None else device
     targets = set(targets)
-    if targets and convert is None:
-        raise ValueError("targets to convert need a convert function")
     state = model.state_dict(keep_vars=True)
     keys = set(state)
     needed = {key for key, t in state.items() if t.is_meta}  # not buffers the model computed itself
