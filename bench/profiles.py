@@ -18,6 +18,9 @@ With --fidelity-dir each run also keeps two seeds' decoded images, and the matri
 every run with the bf16 resident eager run (`resident@none`) on the same seeds: relative L2, PSNR,
 largest 8-bit difference, and whether the change counts as visible (worst seed under 40 dB).
 `+batch=N` in a plan item renders N images per pipeline call (exploration, never in the table).
+`+emulate=sm_86` plays that architecture on the GPU at hand (`worker.engine.emulation`): capabilities
+as that card's, Triton code checked for its target; the row says so (`emulated_arch`), and its speeds
+are the GPU at hand's.
 With --host-memory-limit-gib each run is limited to that much host memory (bench/memory_limit.py):
 finishing there proves the profile fits a host with HOST_RESERVE_GIB more.
 
@@ -26,7 +29,7 @@ finishing there proves the profile fits a host with HOST_RESERVE_GIB more.
   python -m bench.profiles matrix DIR "PROFILE@CAP[+key=value...]" ... --jsonl FILE [--deadline-s S]
                                    [--fidelity-dir D] [--host-memory-limit-gib G]
   python -m bench.profiles fidelity D [--jsonl FILE]     # compare kept images again
-  python -m bench.profiles smoke            # every profile on the tiny pipeline (catches errors cheaply)
+  python -m bench.profiles smoke [--device cpu]   # every profile on the tiny pipeline (catches errors cheaply)
   python -m bench.profiles worker-check DIR --vram-class N --table T --jsonl FILE
   python -m bench.profiles table FILE.jsonl ... [--out bench/results/profile_table.json]
 
@@ -132,8 +135,11 @@ def _environment() -> dict:
 def _split_run_settings(items: list[str]) -> tuple[dict, int, str]:
     """(profile field overrides, images per call, architecture to emulate) from key=value items: batch
     and emulate are run settings, the rest Spec fields."""
+    from shared import archs
+
     overrides = _parse_overrides(items)
-    return overrides, int(overrides.pop("batch", 1)), str(overrides.pop("emulate", ""))
+    emulated = str(overrides.pop("emulate", ""))
+    return overrides, int(overrides.pop("batch", 1)), archs.parse_arch(emulated).name if emulated else ""
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -192,7 +198,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         use_compile_cache(os.path.join(tempfile.gettempdir(), f"zfarm-bench-compile-emulated-{emulate}"))
     import torch
 
-    from worker.engine import emulation, fp8, pipeline, placement, specs
+    from worker.engine import emulation, fp8, int8, pipeline, placement, specs
     from worker.engine.diffusion import is_out_of_memory
 
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
@@ -212,9 +218,10 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     try:
         t0 = time.perf_counter()
         applied = profile if cuda else specs.CPU_PROFILE
-        dtype = torch.float32 if applied == specs.CPU_PROFILE else pipeline.default_dtype(device)
+        dtype = pipeline.load_dtype(specs.spec_for(applied, overrides), device)
         pipe = pipeline.load_pipeline(model_dir, dtype, gpu_components=specs.gpu_components(applied, overrides)
-                                      if cuda else (), device=device)
+                                      if cuda else (), device=device,
+                                      stream_loaded=specs.stream_loaded(applied, overrides) if cuda else None)
         spec = placement.apply_profile(pipe, applied, device, overrides)
         pipe.set_progress_bar_config(disable=True)
         sync()
@@ -222,7 +229,10 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         record["host_rss_after_load_gib"] = _host_peak_rss_gib()
         record["host_memory_after_load"] = memory.record()
         record["spec"] = {k: v for k, v in vars(spec).items() if k != "description"}
+        record["requires"] = list(specs.requirements(spec))
+        record["dtype"] = str(dtype).replace("torch.", "")
         record["fp8_matmul"] = fp8.has_fp8_matmul(device)
+        record["int8_matmul"] = int8.has_int8_matmul(device)
         clock = StageClock(pipe, sync)
 
         def call(seed: int, side: int, n_steps: int) -> float:
@@ -264,7 +274,7 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
             if os.environ.get("ZFARM_BENCH_TRACE_DIR"):
                 record["trace"]["timeline"] = timeline_trace(
                     lambda: call(FIDELITY_SEEDS[0], size, 2), os.environ["ZFARM_BENCH_TRACE_DIR"],
-                    run_label(profile, cap_gib, overrides, batch))
+                    run_label(profile, cap_gib, overrides, batch, emulate))
         stage = "max_pixels probes"
         record["probes"] = probe_max_pixels(pipe, call, cap_gib, probe_sides, spec.compile and cuda, record)
     except (RuntimeError, MemoryError, ValueError) as exc:
@@ -468,6 +478,12 @@ def parse_plan_item(item: str) -> tuple[str, float | None, list[str]]:
     return profile, cap_gib, sets
 
 
+def _played(sets: list[str]) -> dict:
+    """{"emulated_arch": ...} for a plan item's settings that play another architecture, else {}."""
+    emulated = _split_run_settings(sets)[2]
+    return {"emulated_arch": emulated} if emulated else {}
+
+
 def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, deadline_s: float, n: int,
                fidelity_dir: str = "", host_memory_limit_gib: float | None = None) -> None:
     """Each plan item in a fresh process; with `host_memory_limit_gib`, each under that host-memory
@@ -499,11 +515,11 @@ def run_matrix(model_dir: str, plan: list[str], jsonl: str, timeout_s: int, dead
                     tail = (proc.stderr or "")[-1500:]
                     if record is None:
                         record = {"profile": profile, "cap_gib": cap_gib, "ok": False,
-                                  "overrides": _parse_overrides(sets),
+                                  "overrides": _parse_overrides(sets), **_played(sets),
                                   "error": f"process exited {proc.returncode} without a result: {tail[-600:]}"}
                 except subprocess.TimeoutExpired:
                     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "overrides": _parse_overrides(sets),
-                              "error": f"timed out after {timeout_s} s"}
+                              **_played(sets), "error": f"timed out after {timeout_s} s"}
                 if limit is not None:
                     record.update(limit.report(), page_cache_dropped=True)
             record["wall_s"] = round(time.monotonic() - t0, 1)
@@ -534,8 +550,19 @@ def _fidelity_summary(record: dict) -> str:
             f"{'VISIBLY DIFFERENT' if record['visibly_different'] else 'not visibly different'}")
 
 
+def _smoke_on_cpu(name: str) -> bool:
+    """Whether the CPU smoke run tries this GPU profile (as far as a CPU applies it): the int8 ones, whose
+    arithmetic a CPU computes as a GPU does (`worker.engine.int8.has_int8_matmul`)."""
+    from worker.engine import specs
+
+    spec = specs.spec_for(name)
+    return not spec.recipe and any(p.startswith("int8mm") for p in (spec.transformer, spec.text_encoder))
+
+
 def smoke(device: str) -> int:
-    """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process."""
+    """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process. On a
+    CPU: the cpu profile, and the int8 profiles as far as a CPU applies them (`specs.on_cpu`: resident, no
+    pinning, no CUDA graph), compiled where they compile."""
     import torch
 
     from worker.engine import pipeline, placement, specs, tiny
@@ -544,21 +571,26 @@ def smoke(device: str) -> int:
     with tempfile.TemporaryDirectory() as folder:
         tiny.build_tiny(folder)
         for name in specs.PROFILES:
-            if device != "cuda" and name != specs.CPU_PROFILE:
+            cpu_trial = device != "cuda" and _smoke_on_cpu(name)
+            if device != "cuda" and name != specs.CPU_PROFILE and not cpu_trial:
                 continue
             t0 = time.perf_counter()
+            pipe = None
             try:
-                dtype = torch.float32 if name == specs.CPU_PROFILE else pipeline.default_dtype(device)
-                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=specs.gpu_components(name), device=device)
-                spec = placement.apply_profile(pipe, name, device)
+                dtype = pipeline.load_dtype(specs.spec_for(name), device)
+                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=specs.gpu_components(name), device=device,
+                                              stream_loaded=specs.stream_loaded(name))
+                spec = placement.apply_profile(pipe, name, device, cpu_trial=cpu_trial)
                 pipe.set_progress_bar_config(disable=True)
                 image = pipe(prompt="a cat", height=256, width=256, num_inference_steps=2, guidance_scale=0.0,
                              generator=torch.Generator("cpu").manual_seed(0)).images[0]
-                status = f"ok {image.size} compile={spec.compile or '-'}"
+                left_out = specs.on_cpu(specs.spec_for(name))[1] if cpu_trial else []
+                status = (f"ok {image.size} compile={spec.compile or '-'} dtype={str(dtype).replace('torch.', '')}"
+                          + (f" (on the CPU without {', '.join(left_out)})" if left_out else ""))
             except Exception as exc:  # a smoke test reports every failure and goes on to the next profile
                 failures += 1
                 status = f"FAILED {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            print(f"smoke {name:28s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
+            print(f"smoke {name:38s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
             pipe = None
             torch._dynamo.reset()
             if device == "cuda":
@@ -720,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("profile")
     p.add_argument("--cap-gib", type=float)
-    p.add_argument("--set", action="append", default=[], help="override a profile field: key=value")
+    p.add_argument("--set", action="append", default=[],
+                   help="override a profile field, or a run setting (batch=N, emulate=sm_86): key=value")
     p.add_argument("--n", type=int, default=WARM_IMAGES)
     p.add_argument("--size", type=int, default=SIZE_PX)
     p.add_argument("--steps", type=int, default=STEPS)

@@ -155,6 +155,12 @@ class ModelNotFound(ZfarmError, RuntimeError):
         super().__init__("\n".join(lines + ([hint] if hint else [])))
 
 
+class CheckpointError(ZfarmError, RuntimeError):
+    """Raised when a component's .safetensors files cannot be read tensor by tensor: no file, a header
+    that is not a safetensors header, a dtype the loader does not read, a file that ends early, or a
+    tensor of the model that no file holds."""
+
+
 class FetchError(ZfarmError, RuntimeError):
     """Raised when the weights cannot be downloaded or converted; the message says what to do."""
 

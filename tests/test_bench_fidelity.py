@@ -133,3 +133,35 @@ def test_a_later_run_on_another_gpu_does_not_displace_the_tables_own_and_names_i
     resident, elsewhere = rows[("resident", None)], rows[("fp8mm_compiled", 23.0)]
     assert (resident["s_per_image"], resident["device"]) == (1.39, "NVIDIA H100 80GB HBM3")
     assert (elsewhere["s_per_image"], elsewhere["device"]) == (0.74, "NVIDIA H200")
+
+
+def test_emulate_arch_in_a_plan_item_is_a_run_setting_named_in_the_label_and_not_a_profile_field():
+    profile, cap, sets = bench.parse_plan_item("int8mm_fast_compiled@11+emulate=86+vae_compile=false")
+    overrides, batch, emulated = bench._split_run_settings(sets)
+    assert (profile, cap, overrides, batch, emulated) == ("int8mm_fast_compiled", 11.0, {"vae_compile": False}, 1,
+                                                          "sm_86")
+    assert bench.run_label(profile, cap, overrides, batch, emulated) == \
+        "int8mm_fast_compiled@11+vae_compile=False+emulate=sm_86"
+
+
+def test_each_table_row_says_what_its_profile_needs_and_a_run_playing_another_arch_is_a_row_of_its_own(tmp_path):
+    from shared import archs
+
+    lines = [measured("int8mm_fast_compiled", 23.0, 0.9, arch="sm_90"),
+             measured("int8mm_fast_compiled", 23.0, 1.0, arch="sm_90", emulated_arch="sm_86"),
+             fidelity_record("int8mm_fast_compiled@23+emulate=sm_86", 41.0),
+             measured("fp8mm_compiled", 23.0, 0.76, arch="sm_90")]
+    raw = tmp_path / "runs.jsonl"
+    raw.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = bench.build_table([str(raw)], tmp_path / "table.json")
+    rows = {(r["profile"], r.get("emulated_arch")): r for r in table["runs"]}
+    assert set(rows) == {("int8mm_fast_compiled", None), ("int8mm_fast_compiled", "sm_86"), ("fp8mm_compiled", None)}
+    assert archs.INT8_MATMUL in rows[("int8mm_fast_compiled", "sm_86")]["requires"]
+    assert archs.FP8_MATMUL in rows[("fp8mm_compiled", None)]["requires"]
+    assert rows[("int8mm_fast_compiled", "sm_86")]["fidelity"]["psnr_db_min"] == 41.0
+    assert "fidelity" not in rows[("int8mm_fast_compiled", None)]
+    # An RTX 3090 (sm_86) gets the int8 run made as its architecture, never the fp8 one.
+    ampere = archs.capabilities("sm_86", "2.11.0+cu130", "3.6.0")
+    choice = profiles.choose(table, 24, caps=ampere)
+    assert (choice.profile, choice.s_per_image) == ("int8mm_fast_compiled", 1.0)
+    assert "emulating sm_86" in choice.measured_on

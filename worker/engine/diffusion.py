@@ -278,17 +278,16 @@ class DiffusionRenderer:
                  self.warmup_s, self.warmup_compile, self.self_test)
 
     def _load_profile(self, name: str) -> None:
-        import torch
-
         from worker.engine import pipeline, placement, specs
 
         applied = name if self.device == "cuda" else specs.CPU_PROFILE
         self.loading_profile = name
         t0 = time.monotonic()
-        dtype = torch.float32 if applied == "cpu" else pipeline.default_dtype(self.device)
+        dtype = pipeline.load_dtype(specs.spec_for(applied), self.device)
         gpu_parts = specs.gpu_components(applied) if self.device == "cuda" else ()
         pipe = pipeline.load_pipeline(self.settings.model, dtype, self.settings.model_cache_dir,
-                                      gpu_components=gpu_parts, device=self.device)
+                                      gpu_components=gpu_parts, device=self.device,
+                                      stream_loaded=specs.stream_loaded(applied) if self.device == "cuda" else None)
         t1 = time.monotonic()
         placement.apply_profile(pipe, applied, self.device)
         pipe.set_progress_bar_config(disable=True)

@@ -2,10 +2,10 @@
 w1 and w3 as another.
 
 Each block's attention otherwise runs three 3840x3840 matmuls on the same input and its feed-forward
-two 3840x10240 ones; fused, the input is scaled and rounded to fp8 (`worker.engine.fp8`) once instead
-of three or two times, and one launch replaces several. The result is the same arithmetic: the fused
-weight is the layers' weights stacked on the output axis (with their per-channel fp8 scales), so a
-fused profile draws the same pixels as the unfused one. What each piece saved is in
+two 3840x10240 ones; fused, the input is scaled and rounded to fp8 or int8 (`worker.engine.fp8`,
+`worker.engine.int8`) once instead of three or two times, and one launch replaces several. The result
+is the same arithmetic: the fused weight is the layers' weights stacked on the output axis (with their
+per-channel scales), so a fused profile draws the same pixels as the unfused one. What each piece saved is in
 docs/performance.md.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from worker.engine import fp8
+from worker.engine import fp8, int8
 from worker.engine.kernels import qk_norm_rope, silu_gate
 from worker.engine.rope import apply_rotary_emb as _apply_rotary_emb
 from worker.engine.rope import apply_rotary_emb_real as _apply_rotary_emb_real
@@ -26,9 +26,11 @@ def concat_linears(layers: list[torch.nn.Module]) -> torch.nn.Module:
     """One layer whose output is the outputs of `layers` (same input) concatenated."""
     if all(isinstance(layer, fp8.Fp8Linear) for layer in layers):
         return fp8.Fp8Linear.concat(layers)
+    if all(isinstance(layer, int8.Int8Linear) for layer in layers):
+        return int8.Int8Linear.concat(layers)
     if not all(type(layer) is torch.nn.Linear for layer in layers):
         raise TypeError(f"cannot fuse {sorted({type(layer).__name__ for layer in layers})}: only torch Linear "
-                        "layers or all-fp8 layers are fused")
+                        "layers, all-fp8 or all-int8 layers are fused")
     first = layers[0]
     has_bias = first.bias is not None
     fused = torch.nn.Linear(first.in_features, sum(layer.out_features for layer in layers), bias=has_bias,

@@ -3,8 +3,10 @@
 Placement uses diffusers' own mechanisms: `apply_group_offloading` (block level, CUDA streams),
 layerwise casting (float8_e4m3fn storage, bf16 compute), `compile_repeated_blocks` (regional
 compilation of the DiT blocks), VAE tiling, `enable_model_cpu_offload` and
-`enable_sequential_cpu_offload`, plus zfarm's native fp8 layers (`worker.engine.fp8`), fused
-projections (`worker.engine.fuse`) and the CUDA-graph text encoder (`worker.engine.text_encoder`).
+`enable_sequential_cpu_offload`, plus zfarm's native fp8 and int8 layers (`worker.engine.fp8`,
+`worker.engine.int8`), fused projections (`worker.engine.fuse`) and the CUDA-graph text encoder
+(`worker.engine.text_encoder`). int8 components arrive converted already: `load_stored` reads them from
+the files in that form (`worker.engine.streamload`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 
 from shared.errors import ProfileError
 from worker.engine.compile_modes import block_compile_args
-from worker.engine.specs import RESIDENT, Spec, spec_for
+from worker.engine.specs import RESIDENT, Spec, on_cpu, spec_for
 
 # Tile side (pixels) of the tiled VAE decode used by the small-card profiles: a 1024x1024 decode
 # otherwise needs ~2 GiB of activations on top of the resident weights, at the very end of a job.
@@ -36,7 +38,14 @@ def convert_weights(module, placement: str, device, compute_dtype, spec: Spec, h
     from diffusers.hooks import apply_layerwise_casting
 
     is_dit = hasattr(module, "noise_refiner")
-    if placement.startswith("fp8mm"):
+    if placement.startswith("int8mm"):
+        from worker.engine import int8
+
+        # int8 matmuls only in the DiT, as for fp8: the text encoder runs once per prompt, and its weights
+        # dequantised keep its activations exact. A component loaded by `load_stored` has nothing left to convert.
+        int8.convert(module, compute_dtype, int8.has_int8_matmul(device) and is_dit, work_device=device,
+                     out_device=device if placement in RESIDENT else host)
+    elif placement.startswith("fp8mm"):
         from worker.engine import fp8
 
         # fp8 matmuls only in the DiT, where the compute is: the text encoder runs once per image on one
@@ -50,6 +59,31 @@ def convert_weights(module, placement: str, device, compute_dtype, spec: Spec, h
                                 skip_modules_pattern=_skip_patterns(module))
     if is_dit and spec.fuse_projections:
         _fuse(module, spec)
+
+
+def load_stored(folder: str, component: str, placement: str, dtype, device, host="cpu"):
+    """Component `component` of the pipeline in `folder`, read from its files one tensor at a time into the
+    form `placement` stores (int8mm*: its target layers quantised on `device` as `convert_weights` would),
+    the rest in `dtype`; on `device` for a resident placement, else on `host`. Neither the host nor the GPU
+    holds the component in `dtype` whole (`worker.engine.streamload`)."""
+    import torch
+
+    from worker.engine import int8, pipeline, streamload
+
+    if not placement.startswith("int8mm"):
+        raise ProfileError(f"placement {placement!r} is not loaded tensor by tensor (only int8mm ones are)")
+    model = pipeline.empty_component(folder, component, dtype)
+    int8_matmul = int8.has_int8_matmul(device) and hasattr(model, "noise_refiner")
+    out_device = torch.device(device if placement in RESIDENT else host)
+    pattern = int8.targets_for(model)
+    targets = [name for name, module in model.named_modules() if int8.convertible(name, module, pattern)]
+
+    def quantised(weight, bias):
+        return int8.Int8Linear.from_weight(weight, bias, dtype, int8_matmul).to(out_device)
+
+    files = streamload.checkpoint_files(os.path.join(folder, component))
+    return streamload.load_into(model, files, dtype, out_device, convert=quantised, targets=targets,
+                                work_device=device)
 
 
 def pin_at_exact_sizes() -> None:
@@ -144,15 +178,22 @@ def _skip_patterns(module) -> tuple[str, ...]:
     return tuple(dict.fromkeys(DEFAULT_SKIP_MODULES_PATTERN + tuple(own)))
 
 
-def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None) -> Spec:
+def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None, cpu_trial: bool = False) -> Spec:
     """Place `pipe` (loaded on the CPU, except the components `gpu_components(name)` names, which
-    may already be on `device`) according to profile `name`. Returns the spec applied."""
+    may already be on `device`, and those `stream_loaded(name)` names, loaded in their stored form)
+    according to profile `name`. Returns the spec applied.
+
+    `cpu_trial`: on a CPU, apply what a CPU can of a GPU profile (`specs.on_cpu`: no streaming, pinning
+    or CUDA graph) instead of refusing it; for trying its weights, fusions and compilation on the tiny
+    model (`bench/profiles.py smoke --device cpu`, tests)."""
     spec = spec_for(name, overrides)
     kind = _device_type(device)
     if spec.recipe == "cpu":
         pipe.to("cpu")
         return spec
-    if kind != "cuda":
+    if kind == "cpu" and cpu_trial and not spec.recipe:
+        spec, _ = on_cpu(spec)
+    elif kind != "cuda":
         raise ProfileError(f"profile {name!r} needs a CUDA GPU; on {kind} only 'cpu' applies")
     if spec.recipe == "model_offload":
         pipe.enable_model_cpu_offload(device=device)

@@ -18,6 +18,16 @@ Each component has a placement:
                  multiplies in fp8. Loaded on the host and converted layer by layer on the GPU.
   fp8mm_stream   native fp8 weights, streamed block by block from pinned host memory
   fp8mm_stream_lowmem  the same, pinning on the fly (no pinned host copy: less host RAM)
+  int8mm         resident, int8 weights with per-channel scales (`worker.engine.int8`): for GPUs with
+                 int8 tensor cores and no fp8 ones (Turing, Ampere). In the DiT the matmuls run in
+                 int8 (activations rounded per row at each call); elsewhere the weight is dequantised
+                 at each call. Loaded straight from the files to the GPU one tensor at a time
+                 (`worker.engine.streamload`): no host copy of the component.
+  int8mm_stream  int8 weights, streamed block by block from pinned host memory (quantised on the GPU
+                 while loading, then kept on the host)
+
+A spec's `compute_dtype` is what its components load and compute in: "bf16", or "float32" for cards
+without bf16 (Turing), where int8 weights keep the DiT at a quarter of its float32 size.
 """
 from __future__ import annotations
 
@@ -29,8 +39,11 @@ from shared.errors import ProfileError
 from worker.engine import compile_modes
 
 PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream",
-              "fp8mm_stream_lowmem")
-RESIDENT = ("gpu", "fp8", "fp8mm")
+              "fp8mm_stream_lowmem", "int8mm", "int8mm_stream")
+RESIDENT = ("gpu", "fp8", "fp8mm", "int8mm")
+# Placements whose components load from the files already quantised (worker.engine.streamload).
+STREAM_LOADED = ("int8mm", "int8mm_stream")
+COMPUTE_DTYPES = ("bf16", "float32")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
@@ -64,6 +77,8 @@ class Spec:
     gate_warps: int = 0             # that kernel's warps a row; 0: its default (fp8_kernels.NUM_WARPS)
     qk_kernel: bool = False         # q/k head norms + rotary embedding in one Triton kernel (worker.engine.kernels.qk_norm_rope)
     triton_ops: bool = False        # those kernels as triton_ops, launched by inductor's code, not custom ops
+    # What the components load and compute in: "bf16", or "float32" where the card has no bf16 (Turing).
+    compute_dtype: str = "bf16"
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -99,8 +114,13 @@ class Spec:
             raise ValueError("pinned_arena and pinned_exact both size the pinned weights: choose one")
         if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
             raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
-        if self.te_graph and self.text_encoder not in ("gpu", "fp8mm"):
-            raise ValueError("te_graph needs a resident text encoder (gpu or fp8mm): moving weights cannot be captured")
+        if self.te_graph and self.text_encoder not in ("gpu", "fp8mm", "int8mm"):
+            raise ValueError("te_graph needs a resident text encoder (gpu, fp8mm or int8mm): moving weights cannot "
+                             "be captured")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ProfileError(f"unknown compute dtype {self.compute_dtype!r} (known: {', '.join(COMPUTE_DTYPES)})")
+        if self.compute_dtype == "float32" and self.attention == "cudnn":
+            raise ProfileError('attention "cudnn" takes bf16 or fp16, not the float32 of compute_dtype "float32"')
 
 
 SPECS: dict[str, Spec] = {
@@ -216,6 +236,43 @@ SPECS: dict[str, Spec] = {
                                               text_encoder="fp8_stream_lowmem", record_stream=True,
                                               compile="fullgraph", fuse_projections=True, fp8_fast_accum=True,
                                               attention="cudnn", real_rope=True),
+    # Native int8 (worker.engine.int8), for cards with int8 tensor cores and no fp8 ones (Turing, Ampere): the
+    # fp8mm_fast profiles' speed-ups that need no e4m3 (fused projections, real-arithmetic RoPE, cuDNN attention,
+    # the text encoder as a CUDA graph), none of the fp8 ones (fast accumulation, the gate kernel). The int8
+    # components load from the files one tensor at a time, quantised on the GPU (worker.engine.streamload).
+    "int8mm_fast_compiled": Spec("DiT in native int8 (int8 matmuls), resident and compiled, fused projections, "
+                                 "cuDNN attention, fused RoPE; text encoder resident in bf16 as a CUDA graph; VAE "
+                                 "decoder compiled", transformer="int8mm", compile="fullgraph", vae_compile=True,
+                                 fuse_projections=True, attention="cudnn", te_graph=True, real_rope=True),
+    "int8mm_both_fast_compiled": Spec("int8mm_fast_compiled with the text encoder's weights in int8 too (bf16 "
+                                      "compute)", transformer="int8mm", text_encoder="int8mm", compile="fullgraph",
+                                      vae_compile=True, fuse_projections=True, attention="cudnn", te_graph=True,
+                                      real_rope=True),
+    # The streamed text encoder pinned in place: pinned copies rounded to powers of two would take a 16 GB host
+    # past what the worker may use (docs/profiles.md).
+    "int8mm_fast_te_stream_pinned_compiled": Spec("DiT in native int8, resident and compiled, fused projections, "
+                                                  "cuDNN attention, fused RoPE; text encoder in int8 weights, "
+                                                  "streamed and pinned in place; VAE decoder compiled",
+                                                  transformer="int8mm", text_encoder="int8mm_stream",
+                                                  blocks_per_group=2, record_stream=True, compile="fullgraph",
+                                                  vae_compile=True, fuse_projections=True, attention="cudnn",
+                                                  real_rope=True, pinned_arena=True),
+    "int8mm_fast_stream_pinned_compiled": Spec("DiT and text encoder in native int8 weights, both streamed two "
+                                               "blocks at a time and pinned in place; DiT blocks compiled, fused "
+                                               "projections, cuDNN attention, fused RoPE",
+                                               transformer="int8mm_stream", text_encoder="int8mm_stream",
+                                               blocks_per_group=2, record_stream=True, compile="fullgraph",
+                                               fuse_projections=True, attention="cudnn", real_rope=True,
+                                               pinned_arena=True),
+    # Turing has no bf16 (and fp16 gives Z-Image NaN images): float32 compute around int8 weights, which keep the
+    # DiT at a quarter of its float32 size. cuDNN attention takes no float32; the VAE decodes in tiles, as a
+    # float32 decode of a whole 1024x1024 image needs twice the memory of a bf16 one.
+    "int8mm_both_fp32_compiled": Spec("DiT in native int8 (int8 matmuls) and text encoder in int8 weights, float32 "
+                                      "compute for cards without bf16, resident; DiT compiled, fused projections "
+                                      "and RoPE, text encoder as a CUDA graph; tiled, compiled VAE decode",
+                                      transformer="int8mm", text_encoder="int8mm", compute_dtype="float32",
+                                      compile="fullgraph", vae_tiling=True, vae_compile=True, fuse_projections=True,
+                                      te_graph=True, real_rope=True),
     "model_offload": Spec("enable_model_cpu_offload: each model moved whole to the GPU when used "
                           "(the common recipe, for comparison)", recipe="model_offload"),
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
@@ -227,13 +284,13 @@ PROFILES: dict[str, str] = {name: spec.description for name, spec in SPECS.items
 
 
 def is_lossy(spec: Spec) -> bool:
-    """Whether the profile computes with less precision than bf16 (fp8 weights or matmuls, another
+    """Whether the profile computes with less precision than bf16 (fp8 or int8 weights or matmuls, another
     attention kernel): such a profile is a class default only once the benchmark's fidelity check
     found its images not visibly different (`shared.profiles`). Compilation alone does not count."""
     placements = (spec.transformer, spec.text_encoder)
     # Tiled VAE decoding alone is not counted: alone it stays within the fidelity rule (bench/vae_tiling.py).
-    # Each fp8 profile is judged on its own end-to-end comparison, tiles included.
-    return any(p.startswith("fp8") for p in placements) or bool(spec.attention)
+    # Each fp8 or int8 profile is judged on its own end-to-end comparison, tiles included.
+    return any(p.startswith(("fp8", "int8")) for p in placements) or bool(spec.attention)
 
 
 # torch.library.triton_op, which `triton_ops` declares the kernels with, came in this torch release.
@@ -248,7 +305,9 @@ def requirements(spec: Spec) -> tuple[str, ...]:
     the chooser can judge a card without importing this module."""
     if spec.recipe == "cpu":
         return ()
-    needs = {archs.CUDA, archs.BF16}  # every GPU profile loads and computes in bf16
+    needs = {archs.CUDA}
+    if spec.compute_dtype == "bf16":
+        needs.add(archs.BF16)
     compiled = bool(spec.compile or spec.vae_compile)
     if compiled:
         needs.add(archs.TRITON)
@@ -262,6 +321,10 @@ def requirements(spec: Spec) -> tuple[str, ...]:
     if fp8_weights and spec.compile and dit.startswith("fp8"):
         # Compiled code around e4m3 weights: Triton below sm_89 refuses the type.
         needs.add(archs.TRITON_E4M3)
+    if any(p.startswith("int8mm") for p in (dit, te)):
+        # int8 weights laid out for torch._int_mm, which the DiT's layers call (int8 tensor cores, sm_75 on).
+        # Nothing around them is e4m3: no TRITON_E4M3, no FP8_MATMUL.
+        needs.add(archs.INT8_MATMUL)
     if spec.gate_kernel:
         needs |= {archs.TRITON, archs.TRITON_E4M3}   # the kernel stores e4m3
     if spec.qk_kernel:
@@ -283,6 +346,38 @@ def spec_for(name: str, overrides: dict | None = None) -> Spec:
     except KeyError:
         raise ProfileError(f"unknown profile {name!r} (known: {', '.join(SPECS)})") from None
     return dataclasses.replace(spec, **overrides) if overrides else spec
+
+
+def stream_loaded(name: str, overrides: dict | None = None) -> dict[str, str]:
+    """Components this profile loads from the files already quantised, one tensor at a time
+    (`worker.engine.streamload`), by placement: {"transformer": "int8mm", ...}."""
+    spec = spec_for(name, overrides)
+    if spec.recipe:
+        return {}
+    return {part: placement for part, placement in (("transformer", spec.transformer),
+                                                    ("text_encoder", spec.text_encoder))
+            if placement in STREAM_LOADED}
+
+
+# What a CPU cannot do of a GPU profile: stream (CUDA streams), pin (page-locked memory), replay CUDA graphs.
+_CPU_RESIDENT = {"stream": "gpu", "stream_lowmem": "gpu", "fp8_stream": "fp8", "fp8_stream_lowmem": "fp8",
+                 "fp8mm_stream": "fp8mm", "fp8mm_stream_lowmem": "fp8mm", "int8mm_stream": "int8mm"}
+
+
+def on_cpu(spec: Spec) -> tuple[Spec, list[str]]:
+    """(`spec` as far as a CPU can apply it, what was left out): streamed components kept resident in
+    their stored form, no pinning, no CUDA graph. For trying a GPU profile's weights, fusions and
+    compilation on the tiny model without a GPU (`bench/profiles.py smoke --device cpu`, tests)."""
+    changes: dict = {}
+    for part in ("transformer", "text_encoder"):
+        placement = getattr(spec, part)
+        if placement in _CPU_RESIDENT:
+            changes[part] = _CPU_RESIDENT[placement]
+    for flag in ("te_graph", "pinned_arena", "pinned_exact", "record_stream"):
+        if getattr(spec, flag):
+            changes[flag] = False
+    left_out = [f"{key}={getattr(spec, key)}" for key in changes]
+    return (dataclasses.replace(spec, **changes) if changes else spec), left_out
 
 
 def gpu_components(name: str, overrides: dict | None = None) -> tuple[str, ...]:
