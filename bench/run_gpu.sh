@@ -54,7 +54,7 @@ case "$cmd" in
   matrix)
     python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
     python3 -m bench.profiles matrix "$DIR" "$@" --jsonl "$RESULTS_DIR/runs.jsonl" \
-      --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" \
+      --timeout-s "${RUN_TIMEOUT_S:-300}" --deadline-s "${DEADLINE_S:-1000000}" ${WARM_IMAGES:+--n "$WARM_IMAGES"} \
       --fidelity-dir "${FIDELITY_DIR:-/tmp/zfarm-fidelity}" \
       ${HOST_MEMORY_LIMIT_GIB:+--host-memory-limit-gib "$HOST_MEMORY_LIMIT_GIB"} ;;
   worker)
