@@ -24,6 +24,8 @@ DIT_GIB = {"bf16": 11.5, "8bit": 6.2}
 TEXT_ENCODER_GIB = {"bf16": 7.5, "8bit": 4.1}
 # What a PCIe link moves in practice, as a share of its nominal rate.
 PCIE_EFFICIENCY = 0.8
+# The text encoder's work for one 512-token prompt (Qwen3-4B: 2 x 4.0 B weights x 512 tokens), in TFLOP.
+TEXT_ENCODER_TFLOP = 4.1
 
 
 @dataclass(frozen=True)
@@ -117,44 +119,53 @@ def _dit_precision(spec: dict, on: Card) -> str:
     return "bf16"
 
 
-def _streamed_gib(spec: dict, steps: int) -> float:
-    """Weights a streamed profile copies over PCIe for one image (the DiT every step, the text encoder once)."""
-    total = 0.0
-    dit, te = spec.get("transformer", "gpu"), spec.get("text_encoder", "gpu")
-    if "stream" in dit:
-        total += DIT_GIB["8bit" if dit.startswith(("fp8", "int8")) else "bf16"] * steps
-    if "stream" in te:
-        total += TEXT_ENCODER_GIB["8bit" if te.startswith(("fp8", "int8")) else "bf16"]
-    if spec.get("recipe") in ("model_offload", "sequential"):
-        total += DIT_GIB["bf16"] * (steps if spec["recipe"] == "sequential" else 1) + TEXT_ENCODER_GIB["bf16"]
-    return total
+def _gib_streamed(placement: str, sizes: dict) -> float:
+    """Bytes (GiB) a component of this placement copies over PCIe each time it runs; 0 when resident."""
+    if "stream" not in placement:
+        return 0.0
+    return sizes["8bit" if placement.startswith(("fp8", "int8")) else "bf16"]
 
 
 def expected_s_per_image(row: dict, card: Card) -> dict | None:
     """A modelled s/img for `card` running the profile of table row `row` (1024x1024, 8 steps), with how
-    it was reached; None when the row has no speed or its measuring card is not known."""
+    it was reached; None when the row has no speed or its measuring card is not known.
+
+    Each stage of the measured image is scaled on its own: the DiT loop by the matmul rate at its
+    precision (with a memory-bandwidth share), paced by PCIe when its weights stream every step; the
+    text encoder by its compute at the card's bf16 rate plus its copy when streamed; the VAE decode
+    by the bf16 rate. Whole-pipeline offload recipes are paced by PCIe."""
     measured_on = find(row.get("device") or "")
     if row.get("s_per_image") is None or measured_on is None:
         return None
     spec = row.get("spec") or {}
     stages = row.get("stages_s") or {}
     steps = int(row.get("steps") or 8)
-    dit_s = stages.get("dit_loop", row["s_per_image"] * 0.85)
-    other_s = max(0.0, row["s_per_image"] - dit_s)
+    te_s = stages.get("text_encoder", 0.0)
+    vae_s = stages.get("vae_decode", 0.0)
+    dit_s = stages.get("dit_loop", max(0.0, row["s_per_image"] - te_s - vae_s))
     precision = _dit_precision(spec, card)
     precision_there = _dit_precision(spec, measured_on)
+    rest = "fp32" if spec.get("compute_dtype") == "float32" else "bf16"
+    pcie_bytes_s = card.pcie_gbs * 1e9 * PCIE_EFFICIENCY
+
     compute = _matmul_rate(measured_on, precision_there) / _matmul_rate(card, precision)
     memory = measured_on.memory_gbs / card.memory_gbs
-    streamed_gib = _streamed_gib(spec, steps)
-    copy_here = streamed_gib * GIB / (card.pcie_gbs * 1e9 * PCIE_EFFICIENCY)
-    # Copies overlap compute (group offload on a side stream): the slower of the two sets the pace.
-    dit_compute = dit_s
-    rest = "fp32" if spec.get("compute_dtype") == "float32" else "bf16"
-    scaled = (dit_compute * (DIT_COMPUTE_SHARE * compute + (1 - DIT_COMPUTE_SHARE) * memory)
-              + other_s * _matmul_rate(measured_on, "bf16") / _matmul_rate(card, rest))
-    expected = max(scaled, copy_here) if streamed_gib else scaled
+    dit = dit_s * (DIT_COMPUTE_SHARE * compute + (1 - DIT_COMPUTE_SHARE) * memory)
+    dit_copy = _gib_streamed(spec.get("transformer", "gpu"), DIT_GIB) * steps * GIB / pcie_bytes_s
+    dit = max(dit, dit_copy)  # group offload copies the next blocks while the current ones compute
+    te_copy = _gib_streamed(spec.get("text_encoder", "gpu"), TEXT_ENCODER_GIB) * GIB / pcie_bytes_s
+    te = TEXT_ENCODER_TFLOP / _matmul_rate(card, rest) + te_copy if te_copy else \
+        te_s * _matmul_rate(measured_on, "bf16") / _matmul_rate(card, rest)
+    vae = vae_s * _matmul_rate(measured_on, "bf16") / _matmul_rate(card, rest)
+    # What no stage accounts for (the scheduler, Python between stages) runs on the host: kept as measured.
+    host_s = max(0.0, row["s_per_image"] - dit_s - te_s - vae_s)
+    expected = dit + te + vae + host_s
+    if spec.get("recipe") in ("model_offload", "sequential"):
+        moved = DIT_GIB["bf16"] * (steps if spec["recipe"] == "sequential" else 1) + TEXT_ENCODER_GIB["bf16"]
+        expected = max(expected, moved * GIB / pcie_bytes_s)
+    streamed = dit_copy + te_copy
     return {"card": card.name, "s_per_image": round(expected, 2), "model": True,
             "basis": (f"{row['s_per_image']} s/img measured on {measured_on.name}; DiT matmuls in {precision} "
                       f"({_matmul_rate(card, precision):g} vs {_matmul_rate(measured_on, precision_there):g} T/s), "
                       f"memory {card.memory_gbs:g} vs {measured_on.memory_gbs:g} GB/s"
-                      + (f", {streamed_gib:.0f} GiB streamed over PCIe at {card.pcie_gbs:g} GB/s" if streamed_gib else ""))}
+                      + (f", {streamed:.1f} s of weights over PCIe at {card.pcie_gbs:g} GB/s" if streamed else ""))}

@@ -156,7 +156,7 @@ def test_a_streamed_profile_on_a_narrow_pcie_link_is_paced_by_its_copies():
                stages_s={"dit_loop": 1.3})
     on_4060ti = cards.expected_s_per_image(row, cards.find("RTX 4060 Ti"))
     copies_s = (8 * cards.DIT_GIB["8bit"] + cards.TEXT_ENCODER_GIB["8bit"]) * 2**30 / (16e9 * cards.PCIE_EFFICIENCY)
-    assert on_4060ti["s_per_image"] >= round(copies_s, 2) and "streamed over PCIe" in on_4060ti["basis"]
+    assert on_4060ti["s_per_image"] >= round(copies_s, 2) and "of weights over PCIe" in on_4060ti["basis"]
 
 
 @pytest.mark.parametrize("reported, listed", [("NVIDIA A10", "A10 24GB"), ("NVIDIA A100-SXM4-80GB", "A100 80GB"),
@@ -164,3 +164,42 @@ def test_a_streamed_profile_on_a_narrow_pcie_link_is_paced_by_its_copies():
                                               ("NVIDIA H100 80GB HBM3", "H100 SXM 80GB")])
 def test_a_card_is_found_by_the_name_cuda_reports(reported, listed):
     assert cards.find(reported).name == listed
+
+
+# The shipped table's answers for the cards people run (the four machines of the low-VRAM recipe first)
+@pytest.mark.parametrize("card, ram_gb, profile", [
+    ("RTX 4090", 64, "fp8mm_fast_qk_compiled"),
+    ("RTX 3090", 32, "int8mm_fast_compiled"),
+    ("RTX 4060 Ti", 32, "fp8mm_both_fast_compiled"),
+    ("RTX 3060", 16, "int8mm_fast_te_stream_pinned_compiled"),
+    ("A10", 64, "int8mm_fast_compiled"),
+    ("L4", 64, "fp8mm_fast_qk_compiled"),
+    ("A100 80GB", 128, "int8mm_fast_compiled"),
+    ("RTX 5090", 64, "int8mm_fast_compiled"),
+])
+def test_the_shipped_table_gives_each_card_a_profile_its_architecture_runs(card, ram_gb, profile):
+    report = profiles_report(profiles.load_table(), None, ram_gb, card_name=card)
+    chosen = report["chosen"]
+    assert chosen["profile"] == profile
+    caps = archs.capabilities(report["arch"], profiles.load_table()["measured"]["torch"], "bundled")
+    assert not caps.missing(chosen["requires"])
+    assert chosen["expected"] and chosen["expected"][0]["model"] is True
+
+
+def test_the_rtx_3060_on_a_16_gb_host_gets_a_profile_whose_host_rss_is_at_most_14_gib():
+    chosen = profiles_report(profiles.load_table(), None, 16, card_name="RTX 3060")["chosen"]
+    assert chosen["host_rss_gib"] <= 14.0 and "emulating sm_86" in chosen["measured_on"]
+
+
+def test_a_t4_is_refused_at_boot_saying_what_turing_lacks():
+    report = profiles_report(profiles.load_table(), None, 32, card_name="T4")
+    assert report["chosen"] is None and "need bf16 (not on sm_75)" in report["error"]
+
+
+def test_the_cards_table_in_the_docs_is_the_one_the_shipped_table_gives():
+    from pathlib import Path
+
+    from bench import coverage
+
+    repo = Path(__file__).resolve().parents[1]
+    assert coverage.main(["--check", str(repo / "README.md"), "--check", str(repo / "docs" / "profiles.md")]) == 0
