@@ -52,7 +52,8 @@ class Farm:
     def __init__(self, settings: Settings, redis_client=None, table: dict | None = None,
                  redis_retry_s: float = 60.0):
         self.settings = settings
-        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, redis_retry_s)
+        self.redis = redis_client if redis_client is not None else connect(
+            settings.redis_url, redis_retry_s, settings.redis_master_name)
         self.table = profiles.load_table() if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None

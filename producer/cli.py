@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from urllib.parse import urlparse
 
 import redis
 
@@ -432,13 +431,10 @@ def cmd_demo(args) -> int:
 
 
 def _redact(url: str) -> str:
-    """A Redis URL without its password, for error messages."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    host = parsed.hostname or ""
-    netloc = f"{parsed.username or ''}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
-    return parsed._replace(netloc=netloc).geturl()
+    """A Redis or Sentinel URL without its passwords, for error messages."""
+    from shared.redis_conn import redact
+
+    return redact(url)
 
 
 def _redis_url_for_message(args) -> str:

@@ -123,7 +123,7 @@ def free_default_name(settings, boot) -> str:
     """`zimage-<class>@<host>`, or `zimage-<class>-2@<host>`... when a live worker holds it: two
     workers under one name would overwrite each other's registration and hand back each other's jobs."""
     label = profiles.class_label(boot.vram_class)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, master_name=settings.redis_master_name)
     for n in range(1, 100):
         name = f"zimage-{label}{'' if n == 1 else f'-{n}'}@{boot.host}"
         if not registry.is_alive(client, name):
@@ -226,7 +226,7 @@ class RegistryStep(bootsteps.StartStopStep):
     def start(self, c):
         from worker.app import settings
 
-        self.client = connect(settings.redis_url)
+        self.client = connect(settings.redis_url, master_name=settings.redis_master_name)
         registry.register(self.client, registration(settings), settings.registry_ttl_s)
         if STATE.ready:
             self._consume(c)
@@ -329,7 +329,8 @@ class InfoStep(bootsteps.StartStopStep):
         try:
             from worker.app import settings
 
-            live = {w["name"]: w for w in registry.live_workers(connect(settings.redis_url, retry_s=2))}
+            live = {w["name"]: w for w in registry.live_workers(connect(
+                settings.redis_url, retry_s=2, master_name=settings.redis_master_name))}
             me = live.get(STATE.name, {})
             info.update({"s_per_image": me.get("s_per_image"), "jobs_done": me.get("jobs_done"),
                          "jobs_failed": me.get("jobs_failed"), "profile": me.get("profile", boot.choice.profile)})
@@ -347,7 +348,7 @@ def _on_sigterm_draining(worker):
 
     def handler(signum, frame):
         try:
-            client = connect(settings.redis_url, retry_s=2)
+            client = connect(settings.redis_url, retry_s=2, master_name=settings.redis_master_name)
             client.hset(keys.worker(STATE.name), "state", "draining")
             client.pexpire(keys.worker(STATE.name), int((settings.shutdown_grace_s + settings.registry_ttl_s) * 1000))
         except Exception as exc:  # the shutdown must go on even when Redis is away

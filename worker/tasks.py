@@ -38,7 +38,7 @@ class JobFailed(Exception):
 
 def _redis():
     if "redis" not in _clients:
-        _clients["redis"] = connect(settings.redis_url)
+        _clients["redis"] = connect(settings.redis_url, master_name=settings.redis_master_name)
     return _clients["redis"]
 
 
