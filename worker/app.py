@@ -8,12 +8,13 @@ from __future__ import annotations
 from celery import Celery
 
 from shared import profiles
+from shared.redis_conn import broker_url, is_sentinel, sentinel_transport_options
 from shared.settings import Settings
 
 settings = Settings.from_env()
 table = profiles.load_table()
 
-app = Celery("zfarm", broker=settings.redis_url, include=["worker.tasks"])
+app = Celery("zfarm", broker=broker_url(settings.redis_url), include=["worker.tasks"])
 app.conf.update(
     # JSON only: pickle from a shared Redis would let anyone who can write to it run code here.
     task_serializer="json",
@@ -31,8 +32,9 @@ app.conf.update(
     worker_concurrency=1,
     # A default hard limit for messages that carry none; producers set one per job.
     task_time_limit=profiles.job_time_limit_s(2048 * 2048, 50, table, settings.job_margin),
-    # kombu's Redis transport, hardened so junk pushed into a queue cannot stop the worker.
-    broker_transport="worker.transport:Transport",
+    # kombu's Redis transport (or its Sentinel transport), hardened so junk pushed into a queue
+    # cannot stop the worker.
+    broker_transport="worker.transport:" + ("SentinelTransport" if is_sentinel(settings.redis_url) else "Transport"),
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     broker_transport_options={
@@ -45,6 +47,8 @@ app.conf.update(
         "socket_keepalive": True,
         "retry_on_timeout": True,
         "health_check_interval": 10,
+        # With a sentinel:// URL: the monitored primary's name, and the sentinels' password.
+        **sentinel_transport_options(settings.redis_url, settings.redis_master_name),
     },
     # SIGTERM (a spot notice) lets the running job finish for this long, then hands it back.
     worker_soft_shutdown_timeout=settings.shutdown_grace_s,

@@ -326,3 +326,38 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same hardened channel on kombu's Sentinel transport: each new connection goes to the
+    primary the sentinels name now, so after a failover the worker reconnects to the promoted replica.
+
+    The broker URL names one sentinel (`shared.redis_conn.broker_url`: kombu would swap this
+    transport for its stock one on moving to another URL of a list); every sentinel comes in the
+    `sentinels` transport option and each is asked in turn."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + ("sentinels",)
+    sentinels: list | None = None
+
+    def _sentinel_managed_pool(self, asynchronous=False):
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = kombu_redis.sentinel.Sentinel(
+            [tuple(s) for s in self.sentinels], min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
+        # Kept so kombu closes its connections to the sentinels with the channel (celery/kombu#1108).
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        if getattr(self, "master_name", None) is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(self.master_name, kombu_redis.redis.Redis, **credentials).connection_pool
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
