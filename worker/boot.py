@@ -262,7 +262,10 @@ class RegistryStep(bootsteps.StartStopStep):
                  " (woke the BRPOP in flight)" if woken else "")
 
     def _heartbeat(self, settings):
-        if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s):
+        from worker.sweeper import held_jobs
+
+        # The jobs held now: the sweep hands back a job a live worker claims but no longer holds.
+        if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s, jobs=held_jobs()):
             log.warning("registry entry of %s had expired; registering again", STATE.name)
             registry.register(self.client, registration(settings), settings.registry_ttl_s)
 
