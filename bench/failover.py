@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
             failed = False
         finally:
             rig.close(failed=failed)
+            if not failed:
+                shutil.rmtree(tmp, ignore_errors=True)  # kept, with the worker logs, when the run broke
         row.update(run=run, down_after_ms=args.down_after_ms, at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)

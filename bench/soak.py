@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -61,7 +62,8 @@ for _name, _value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "tes
                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
     os.environ.setdefault(_name, _value)  # moto takes any credentials; boto3 wants some
 
-from farm import RedisServer, S3Server, WorkerProcess, base_env, s3_env, wait_for  # noqa: E402  (tests/farm.py)
+from farm import (RedisServer, S3Server, WorkerProcess, base_env, s3_env, wait_for,  # noqa: E402  (tests/farm.py)
+                  workers_blocked_on_job_queues)
 from shared import keys, profiles, registry  # noqa: E402
 
 MEASURED_TABLE = REPO / "bench" / "results" / "profile_table.json"
@@ -425,6 +427,10 @@ class Soak:
             return all(w.ready_at for w in self.workers)
 
         wait_for(all_ready, 300, interval_s=1.0, what="the fleet to be ready")
+        # Ready in the registry comes a moment before a worker has declared its 48 queues and blocks
+        # on them: the idle phase starts once every one does.
+        wait_for(lambda: workers_blocked_on_job_queues(self.monitor) >= len(self.workers), 120, interval_s=1.0,
+                 what="every worker to block on its job queues")
         fleet_ready_s = time.time() - min(w.started_at for w in self.workers)
         # Step 1: the idle fleet (every worker blocked on its queues, heartbeating, sweeping).
         idle_before = self.meter.snapshot()
@@ -475,12 +481,14 @@ class Soak:
         self.redis.stop()
 
     # What happened
-    def stored(self, batch_id: str) -> dict[str, list[str]]:
+    def stored(self) -> dict[str, list[tuple[str, float]]]:
+        """Every stored version of every result object: {name: [(ETag, last modified), ...]}, one listing."""
         s3 = self.s3.client()
-        out: dict[str, list[str]] = {}
-        for page in s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=f"results/{batch_id}/"):
+        out: dict[str, list[tuple[str, float]]] = {}
+        for page in s3.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix="results/"):
             for version in page.get("Versions", []):
-                out.setdefault(version["Key"][len("results/"):], []).append(version["ETag"])
+                out.setdefault(version["Key"][len("results/"):], []).append(
+                    (version["ETag"], version["LastModified"].timestamp()))
         return out
 
     def report(self, t0, t1, t2, idle, idle_workers, busy, fleet_ready_s, drained_ok, cpu_before, cpu_after) -> dict:
@@ -490,42 +498,50 @@ class Soak:
         s3 = self.s3.client()
         totals = {"submitted": 0, "stored_once": 0, "stored_twice_same": 0, "stored_twice_differing": 0,
                   "lost": 0, "failed": 0, "done": 0}
-        finished: list[tuple[float, float, str, float]] = []  # (submitted_at, finished_at, priority, work units)
+        # Per stored job: (submitted at, stored at, priority, work units). S3 gives whole seconds, which
+        # is enough to place a job in or out of a window of minutes; latency comes from the sidecars'
+        # own finished_at (milliseconds), read for a sample of --latency-sample jobs.
+        finished: list[tuple[float, float, str, float]] = []
+        sample: list[tuple[str, float, str]] = []
+        versions = self.stored()
+        for b in self.batches:
+            status = ledger.status(b["id"])
+            totals["submitted"] += status["total"]
+            totals["done"] += status["done"]
+            totals["failed"] += status["failed"]
+            states = ledger.states(b["id"])
+            jobs = ledger.jobs(b["id"])
+            for i in range(status["total"]):
+                png, side = versions.get(f"{b['id']}/{i:06d}.png"), versions.get(f"{b['id']}/{i:06d}.json")
+                if states.get(i) == "failed":
+                    continue
+                if states.get(i) != "done" or not png or not side:
+                    totals["lost"] += 1  # never final, or done without its PNG and sidecar
+                    continue
+                if len(png) == 1:
+                    totals["stored_once"] += 1
+                elif len({etag for etag, _ in png}) == 1:
+                    totals["stored_twice_same"] += 1
+                else:
+                    totals["stored_twice_differing"] += 1
+                spec = jobs[i]["spec"]
+                finished.append((status["created_at"], max(t for _, t in side), b["priority"],
+                                 profiles.work_units(spec["width"] * spec["height"], spec["steps"])))
+                sample.append((f"{b['id']}/{i:06d}.json", status["created_at"], b["priority"]))
+        rng = random.Random(self.args.seed)
+        sample = rng.sample(sample, min(len(sample), self.args.latency_sample))
 
-        def sidecar(key):
+        def latency_of(item):
+            key, created_at, priority = item
             body = s3.get_object(Bucket=self.bucket, Key=f"results/{key}")["Body"].read()
-            return json.loads(body)
+            return priority, json.loads(body)["finished_at"] - created_at
 
-        with ThreadPoolExecutor(8) as pool:
-            for b in self.batches:
-                status = ledger.status(b["id"])
-                totals["submitted"] += status["total"]
-                totals["done"] += status["done"]
-                totals["failed"] += status["failed"]
-                versions = self.stored(b["id"])
-                states = ledger.states(b["id"])
-                sidecars = []
-                for i in range(status["total"]):
-                    png, side = versions.get(f"{b['id']}/{i:06d}.png"), versions.get(f"{b['id']}/{i:06d}.json")
-                    if states.get(i) == "failed":
-                        continue
-                    if states.get(i) != "done" or not png or not side:
-                        totals["lost"] += 1  # never final, or done without its PNG and sidecar
-                        continue
-                    if len(png) == 1:
-                        totals["stored_once"] += 1
-                    elif len(set(png)) == 1:
-                        totals["stored_twice_same"] += 1
-                    else:
-                        totals["stored_twice_differing"] += 1
-                    sidecars.append(f"{b['id']}/{i:06d}.json")
-                for record in pool.map(sidecar, sidecars):
-                    finished.append((status["created_at"], record["finished_at"], b["priority"],
-                                     profiles.work_units(record["width"] * record["height"], record["steps"])))
-        latency = sorted(f - s for s, f, _p, _u in finished)
+        with ThreadPoolExecutor(4) as pool:
+            sampled = list(pool.map(latency_of, sample))
+        latency = sorted(lat for _p, lat in sampled)
         by_priority = {}
         for priority, _share in PRIORITY_MIX:
-            mine = sorted(f - s for s, f, p, _u in finished if p == priority)
+            mine = sorted(lat for p, lat in sampled if p == priority)
             if mine:
                 by_priority[priority] = {"jobs": len(mine), "p50_s": round(percentile(mine, 0.5), 2),
                                          "p99_s": round(percentile(mine, 0.99), 2)}
@@ -568,7 +584,8 @@ class Soak:
             "events": {k: sum(1 for e in self.events if e["kind"] == k)
                        for k in ("join", "kill", "sigterm", "redis-kill", "s3-down")},
             "outages": [{"what": k, "s": round(b - a, 1)} for k, a, b in self.outages],
-            "submit_to_stored_s": {"p50": round(percentile(latency, 0.5), 2) if latency else None,
+            "submit_to_stored_s": {"sampled_jobs": len(latency),
+                                   "p50": round(percentile(latency, 0.5), 2) if latency else None,
                                    "p99": round(percentile(latency, 0.99), 2) if latency else None,
                                    "by_priority": by_priority},
             "efficiency": round(done_all / ideal_all, 4) if ideal_all else None,
@@ -626,7 +643,8 @@ def print_summary(s: dict) -> None:
             ("stored again, identical bytes", s["stored_twice_same"]),
             ("stored again, differing bytes", s["stored_twice_differing"]), ("lost", s["lost"]),
             ("failed", s["failed"]),
-            ("submit-to-stored p50 / p99", f"{s['submit_to_stored_s']['p50']} / {s['submit_to_stored_s']['p99']} s"),
+            (f"submit-to-stored p50 / p99 ({s['submit_to_stored_s']['sampled_jobs']} jobs sampled)",
+             f"{s['submit_to_stored_s']['p50']} / {s['submit_to_stored_s']['p99']} s"),
             *[(f"  {p} ({v['jobs']} jobs) p50 / p99", f"{v['p50_s']} / {v['p99_s']} s")
               for p, v in s["submit_to_stored_s"]["by_priority"].items()],
             ("fleet efficiency (all / outside outages)", f"{s['efficiency']} / {s['efficiency_outside_outages']}"),
@@ -674,6 +692,7 @@ def parse_args(argv=None):
     ap.add_argument("--grace-s", type=float, default=20.0)
     ap.add_argument("--ram-gb", type=float, default=64.0, help="host RAM the workers plan for (the profile choice)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--latency-sample", type=int, default=2000, help="jobs whose sidecar is read for the latency figures")
     ap.add_argument("--short", action="store_true", help="the CI version (overrides the sizes above)")
     ap.add_argument("--json", help="also write the summary to this file")
     args = ap.parse_args(argv)
@@ -688,10 +707,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="zfarm-soak-"))
     soak = Soak(args, tmp)
+    ok_run = False
     try:
         summary = soak.run()
+        ok_run = True
     finally:
         soak.close()
+        if ok_run:
+            shutil.rmtree(tmp, ignore_errors=True)  # kept, with the worker logs, when the run broke
     summary["events_log"] = soak.events
     print_summary(summary)
     if args.json:
