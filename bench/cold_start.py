@@ -70,7 +70,7 @@ SEED = 7
 PROMPT = ("a cinematic photo of an old man with a red lantern on a stone bridge in a chinese traditional "
           "garden at night , rain and fog , neon light on the river , soft shadow , high definition 8k")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Worker log lines (Celery's and worker.boot's) that order a job's receipt against readiness.
+# Worker log lines (Celery's and zfarm's) that order a job's receipt against readiness.
 RECEIVED_LINE = re.compile(r"Task zfarm\.render\[[^\]]+\] received")
 CONSUMES_LINE = re.compile(r"zfarm worker \S+ consumes \d+ queues")
 READY_LINE = re.compile(r"zfarm: renderer ready in (?P<seconds>[\d.]+) s \((?P<described>\{.*\})\)\s*$", re.M)
@@ -211,7 +211,7 @@ class Poller:
 
 
 def renderer_facts(text: str) -> dict:
-    """The renderer's own account of its load (`describe()` in worker.boot's "renderer ready" line)."""
+    """The renderer's own account of its load (`describe()` in worker.loading's "renderer ready" line)."""
     match = READY_LINE.search(text)
     if not match:
         return {}

@@ -34,9 +34,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from farm import (RedisServer, WorkerProcess, base_env, wait_for,  # noqa: E402  (tests/farm.py)
-                  workers_blocked_on_job_queues)
-from shared import profiles, registry  # noqa: E402
+from farm import RedisServer, WorkerProcess, base_env, wait_for, workers_blocked_on_job_queues  # noqa: E402  (tests/farm.py)
+from shared import profiles, registry, routing  # noqa: E402
 
 MEASURED_TABLE = REPO / "bench" / "results" / "profile_table.json"
 TARGET_EFFICIENCY = 0.95
@@ -118,7 +117,7 @@ def run(args, tmp: Path, table_path: Path, table: dict) -> dict:
     jobs = make_jobs(args.jobs, args.seed)
     if args.order == "largest-first":
         jobs.sort(key=lambda j: -j["width"] * j["height"])
-    work = [profiles.work_units(j["width"] * j["height"], j["steps"]) for j in jobs]
+    work = [routing.work_units(j["width"] * j["height"], j["steps"]) for j in jobs]
     max_pixels = profiles.max_pixels_by_class(table)
     unscaled_rate = sum(1 / choice[c].s_per_image for c in fleet)
     scale = args.target_s / (sum(work) / unscaled_rate)
@@ -182,7 +181,7 @@ def run(args, tmp: Path, table_path: Path, table: dict) -> dict:
             "max_pixels": choice[c].max_pixels, "profile": choice[c].profile,
             "speed_share": round(rate[c] * fleet.count(c) / total_rate, 3),
             "job_share": round(len(mine) / len(sidecars), 3),
-            "work_share": round(sum(profiles.work_units(s["width"] * s["height"], s["steps"]) for s in mine)
+            "work_share": round(sum(routing.work_units(s["width"] * s["height"], s["steps"]) for s in mine)
                                 / sum(work), 3),
             "largest_job_px": max((s["width"] * s["height"] for s in mine), default=0),
         }
@@ -196,7 +195,7 @@ def run(args, tmp: Path, table_path: Path, table: dict) -> dict:
     tail = {w: end - max(e for _, e in spans) for w, spans in per_worker.items()}
     return {
         "fleet": args.fleet, "order": args.order, "workers": len(fleet), "jobs": len(jobs), "work_units": round(sum(work), 1),
-        "scale": round(scale, 4), "tiers": profiles.tier_ceilings(max_pixels),
+        "scale": round(scale, 4), "tiers": routing.tier_ceilings(max_pixels),
         "ideal_s": round(ideal_s, 2), "routing_bound_s": round(routing_bound_s, 2),
         "makespan_s": round(makespan_s, 2), "efficiency": round(ideal_s / makespan_s, 4),
         "efficiency_vs_routing_bound": round(routing_bound_s / makespan_s, 4),

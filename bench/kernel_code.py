@@ -39,13 +39,13 @@ class KernelCase:
 
 # Z-Image: 30 heads of 128 (a 32-row block), feed-forward rows of 10240 (a 16384-wide block).
 KERNELS = {
-    "qk": KernelCase("worker.qk_kernel",
+    "qk": KernelCase("worker.engine.kernels.qk_norm_rope",
                      ("*bf16",) * 3 + ("*fp32", "*bf16") + ("i32",) * 8 + ("fp32", "constexpr", "constexpr"),
                      {"HEADS_BLOCK": 32, "HEAD_DIM": 128},
                      ("qkv_ptr", "q_weight_ptr", "k_weight_ptr", "rope_ptr", "out_ptr", "qkv_batch_stride",
                       "qkv_token_stride", "rope_batch_stride", "rope_token_stride", "out_part_stride",
                       "out_batch_stride", "out_token_stride")),
-    "gate": KernelCase("worker.fp8_kernels",
+    "gate": KernelCase("worker.engine.kernels.silu_gate",
                        ("*bf16", "*fp8e4nv", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "constexpr"),
                        {"BLOCK": 16384}, ("gv_ptr", "out_ptr", "scale_ptr", "width", "gv_row_stride", "out_row_stride")),
 }

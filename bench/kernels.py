@@ -3,11 +3,11 @@
 One Z-Image block at 1024x1024 works on 4096 image + up to 512 caption tokens (4224 with a short
 caption), model width 3840, 30 heads of 128, feed-forward 10240. This times, on those exact shapes:
   - attention with each of torch's SDPA kernels (flash, cuDNN, memory-efficient), bf16;
-  - the block's matmuls in bf16 and in native fp8 (worker.fp8: row-wise scales, _scaled_mm), separate
+  - the block's matmuls in bf16 and in native fp8 (worker.engine.fp8: row-wise scales, _scaled_mm), separate
     and fused (q/k/v as one, w1/w3 as one), with and without fast accumulation;
-  - the feed-forward's gate and its fp8 row scaling, compiled by inductor and as worker.fp8_kernels'
+  - the feed-forward's gate and its fp8 row scaling, compiled by inductor and as worker.engine.kernels.silu_gate'
     hand-written kernel;
-  - the q/k head norms with the rotary embedding, compiled by inductor and as worker.qk_kernel's
+  - the q/k head norms with the rotary embedding, compiled by inductor and as worker.engine.kernels.qk_norm_rope's
     hand-written kernel.
 Each line is printed with its TFLOP/s and appended to --jsonl.
 
@@ -59,7 +59,7 @@ def matmul_rows(tokens: int) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
-    from worker import fp8
+    from worker.engine import fp8
 
     x = torch.randn(tokens, DIM, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(tokens, FFN, device="cuda", dtype=torch.bfloat16)
@@ -78,7 +78,7 @@ def matmul_rows(tokens: int) -> list[dict]:
             lin.weight.data = weight(w, n_in)
         variants = {"bf16": lambda: [F.linear(inp, lin.weight) for lin in linears]}
         if len(linears) > 1:
-            from worker.fuse import concat_linears
+            from worker.engine.fuse import concat_linears
 
             fused_bf16 = concat_linears(linears)
             variants["bf16 fused"] = lambda f=fused_bf16: F.linear(inp, f.weight)
@@ -100,22 +100,22 @@ def matmul_rows(tokens: int) -> list[dict]:
 
 def gate_rows(tokens: int) -> list[dict]:
     """The feed-forward's gate, silu(w1 x) * w3 x scaled and rounded to fp8 row by row, as the compiled
-    blocks ran it (inductor) and as worker.fp8_kernels' kernel runs it, with the kernel's warps varied.
+    blocks ran it (inductor) and as worker.engine.kernels.silu_gate' kernel runs it, with the kernel's warps varied.
     GB/s counts the bytes that must move: the fused w1/w3 output read once, fp8 rows and scales written.
     `fp8_equal` is the share of fp8 values identical to inductor's; `max_rel_err` the largest
     difference of the dequantised rows, relative to the largest value of the whole tensor."""
     import torch
 
-    from worker import fp8_kernels
+    from worker.engine.kernels import silu_gate
 
     gate_value = torch.randn(tokens, 2 * FFN, device="cuda", dtype=torch.bfloat16) * 2
     moved = tokens * (2 * FFN * 2 + FFN + 4)
-    compiled = torch.compile(fp8_kernels.reference, fullgraph=True)
+    compiled = torch.compile(silu_gate.reference, fullgraph=True)
     expect_fp8, expect_scale = compiled(gate_value)
     expected = expect_fp8.float() * expect_scale
-    variants = {"gate eager": lambda: fp8_kernels.reference(gate_value), "gate compiled": lambda: compiled(gate_value)}
+    variants = {"gate eager": lambda: silu_gate.reference(gate_value), "gate compiled": lambda: compiled(gate_value)}
     for warps in (4, 8, 16, 32):
-        variants[f"gate kernel {warps} warps"] = lambda w=warps: fp8_kernels.run_kernel(gate_value, num_warps=w)
+        variants[f"gate kernel {warps} warps"] = lambda w=warps: silu_gate.run_kernel(gate_value, num_warps=w)
     rows = []
     for tag, fn in variants.items():
         got_fp8, got_scale = fn()
@@ -128,13 +128,13 @@ def gate_rows(tokens: int) -> list[dict]:
 
 def qk_rows(tokens: int) -> list[dict]:
     """q and k's head norms and rotary embedding, as eager runs them, as the compiled blocks ran them
-    (inductor) and as worker.qk_kernel's kernel runs them (warps varied; `inline` is the triton_op
+    (inductor) and as worker.engine.kernels.qk_norm_rope's kernel runs them (warps varied; `inline` is the triton_op
     compiled, as a block launches it). GB/s counts q and k read and written once and the rotation's
     factors read. `bf16_equal` is the share of values identical to eager's; `max_rel_err` the largest
     difference relative to the largest value."""
     import torch
 
-    from worker import qk_kernel
+    from worker.engine.kernels import qk_norm_rope
 
     qkv = torch.randn(1, tokens, 3 * DIM, device="cuda", dtype=torch.bfloat16) * 2
     q_weight = (1 + 0.1 * torch.randn(HEAD_DIM, device="cuda")).to(torch.bfloat16)
@@ -143,13 +143,13 @@ def qk_rows(tokens: int) -> list[dict]:
     rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
     args = (qkv, q_weight, k_weight, rope, HEADS, 1e-5)
     moved = 2 * 2 * tokens * DIM * 2 + rope.numel() * 4
-    expected = qk_kernel.reference(*args).float()
-    compiled = torch.compile(qk_kernel.reference, fullgraph=True)
-    inline = torch.compile(qk_kernel.qk_norm_rope_inline, fullgraph=True)
-    variants = {"qk eager": lambda: qk_kernel.reference(*args), "qk compiled": lambda: compiled(*args),
+    expected = qk_norm_rope.reference(*args).float()
+    compiled = torch.compile(qk_norm_rope.reference, fullgraph=True)
+    inline = torch.compile(qk_norm_rope.qk_norm_rope_inline, fullgraph=True)
+    variants = {"qk eager": lambda: qk_norm_rope.reference(*args), "qk compiled": lambda: compiled(*args),
                 "qk kernel inline compiled": lambda: inline(*args)}
     for warps in (4, 8, 16):
-        variants[f"qk kernel {warps} warps"] = lambda w=warps: qk_kernel.run_kernel(*args, num_warps=w)
+        variants[f"qk kernel {warps} warps"] = lambda w=warps: qk_norm_rope.run_kernel(*args, num_warps=w)
     rows = []
     for tag, fn in variants.items():
         try:

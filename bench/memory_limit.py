@@ -16,12 +16,15 @@ import os
 import uuid
 from pathlib import Path
 
+from shared.errors import ZfarmError
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GIB = 2 ** 30
 
 
-class MemoryLimitError(RuntimeError):
-    """The host cannot limit a process's memory this way (no cgroup v2 memory controller, not root)."""
+class MemoryLimitError(ZfarmError, RuntimeError):
+    """Raised when the host cannot limit a process's memory this way (no cgroup v2 memory controller,
+    not root)."""
 
 
 class MemoryLimit:

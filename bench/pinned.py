@@ -4,9 +4,9 @@ diffusers' group offload keeps a pinned host copy of every streamed tensor, pinn
 time (`Tensor.pin_memory`), and torch's pinned allocator rounds each block up to the next power of two
 (pytorch/pytorch#150517). This builds the full-size DiT and text encoder on the meta device (no
 memory), gives each streamed component its profile's weight form with the worker's own code
-(`worker.offload.convert_weights`: native or layerwise fp8, fused projections), and sums its tensors
+(`worker.engine.placement.convert_weights`: native or layerwise fp8, fused projections), and sums its tensors
 three ways: exact, rounded as torch rounds by default, and rounded only up to
-`worker.offload.PINNED_ROUND_MAX_MB` (the `pinned_exact` profile field).
+`worker.engine.placement.PINNED_ROUND_MAX_MB` (the `pinned_exact` profile field).
 
   python -m bench.pinned [PROFILE ...] [--jsonl FILE]     # default: every profile with pinned copies
 """
@@ -42,12 +42,12 @@ def tensor_sizes(module) -> list[int]:
     return [t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())]
 
 
-def _pinned_copy(placement: str) -> bool:
+def _pinned_copy(where: str) -> bool:
     """Whether a placement streams from pinned host copies. The `_lowmem` placements pin on the fly
     instead, a group at a time, so their pinned memory is small and not predicted here."""
-    from worker import offload
+    from worker.engine import specs
 
-    return placement not in offload.RESIDENT and not placement.endswith("_lowmem")
+    return where not in specs.RESIDENT and not where.endswith("_lowmem")
 
 
 def keeps_pinned_copies(spec) -> bool:
@@ -60,42 +60,42 @@ def streamed_components(profile: str, transformer_cfg: dict, text_cfg: dict, voc
     built on the meta device in the weight form the profile gives it."""
     import torch
 
-    from worker import offload, tiny
+    from worker.engine import placement, specs, tiny
 
-    spec = offload.spec_for(profile)
+    spec = specs.spec_for(profile)
     placements = {"transformer": spec.transformer, "text_encoder": spec.text_encoder}
     out = {}
-    for name, placement in placements.items():
-        if not _pinned_copy(placement):
+    for name, where in placements.items():
+        if not _pinned_copy(where):
             continue
         with torch.device("meta"):
             if name == "transformer":
                 module = tiny.transformer_model(transformer_cfg, torch.bfloat16)
             else:
                 module = tiny.text_encoder_model(text_cfg, vocab, torch.bfloat16)
-        offload.convert_weights(module, placement, "meta", torch.bfloat16, spec, host="meta")
+        placement.convert_weights(module, where, "meta", torch.bfloat16, spec, host="meta")
         out[name] = tensor_sizes(module)
     return out
 
 
 def predict(profile: str, transformer_cfg: dict, text_cfg: dict, vocab: int) -> dict:
-    from worker import offload
+    from worker.engine import placement
 
     gib = lambda n: round(n / 2**30, 2)  # noqa: E731
     components = streamed_components(profile, transformer_cfg, text_cfg, vocab)
     sizes = [n for component in components.values() for n in component]
     exact = sum(sizes)
     rounded = pinned_bytes(sizes, None)
-    capped = pinned_bytes(sizes, offload.PINNED_ROUND_MAX_MB * MIB)
+    capped = pinned_bytes(sizes, placement.PINNED_ROUND_MAX_MB * MIB)
     return {"check": "pinned", "profile": profile, "streamed": sorted(components), "tensors": len(sizes),
             "exact_gib": gib(exact), "pinned_default_gib": gib(rounded), "pinned_exact_gib": gib(capped),
             "saved_gib": gib(rounded - capped), "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker import offload, tiny
+    from worker.engine import specs, tiny
 
-    streaming = [name for name in offload.SPECS if keeps_pinned_copies(offload.spec_for(name))]
+    streaming = [name for name in specs.SPECS if keeps_pinned_copies(specs.spec_for(name))]
     parser = argparse.ArgumentParser(prog="python -m bench.pinned", description=__doc__.splitlines()[0])
     parser.add_argument("profiles", nargs="*", default=streaming)
     parser.add_argument("--jsonl", default="")

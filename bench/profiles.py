@@ -1,9 +1,9 @@
 """Benchmark of the memory/offload profiles on a GPU (a measuring tool, not a test).
 
-It builds the full-size random-weight Z-Image pipeline once (`worker.tiny.build_full`, same compute and
+It builds the full-size random-weight Z-Image pipeline once (`worker.engine.tiny.build_full`, same compute and
 memory as the real model, images are noise), then measures one profile per fresh process, under an
 allocator cap (`torch.cuda.set_per_process_memory_fraction`) that plays a smaller card, with the
-worker's own loading and profile code (`worker.pipeline`, `worker.offload`):
+worker's own loading and profile code (`worker.engine.pipeline`, `worker.engine.placement`):
 
   load_s, first_s (first call, compilation included), s_per_image (median of >= 5 warm 1024x1024
   8-step images), peak allocated/reserved VRAM over load + all 1024x1024 calls, peak host RSS and its
@@ -126,7 +126,7 @@ def _split_run_settings(items: list[str]) -> tuple[dict, int]:
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    """key=value pairs for worker.offload.Spec fields (ints and booleans parsed)."""
+    """key=value pairs for worker.engine.specs.Spec fields (ints and booleans parsed)."""
     out = {}
     for item in items or []:
         key, _, value = item.partition("=")
@@ -174,8 +174,8 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     import torch
 
-    from worker import fp8, offload, pipeline
-    from worker.diffusion import is_out_of_memory
+    from worker.engine import fp8, pipeline, placement, specs
+    from worker.engine.diffusion import is_out_of_memory
 
     record = {"profile": profile, "cap_gib": cap_gib, "ok": False, "error": None, "s_per_image": None,
               "first_s": None, "load_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
@@ -190,11 +190,11 @@ def measure(model_dir: str, profile: str, cap_gib: float | None, overrides: dict
     memory = HostMemoryPeaks().start()
     try:
         t0 = time.perf_counter()
-        applied = profile if cuda else offload.CPU_PROFILE
-        dtype = torch.float32 if applied == offload.CPU_PROFILE else pipeline.default_dtype(device)
-        pipe = pipeline.load_pipeline(model_dir, dtype, gpu_components=offload.gpu_components(applied, overrides)
+        applied = profile if cuda else specs.CPU_PROFILE
+        dtype = torch.float32 if applied == specs.CPU_PROFILE else pipeline.default_dtype(device)
+        pipe = pipeline.load_pipeline(model_dir, dtype, gpu_components=specs.gpu_components(applied, overrides)
                                       if cuda else (), device=device)
-        spec = offload.apply_profile(pipe, applied, device, overrides)
+        spec = placement.apply_profile(pipe, applied, device, overrides)
         pipe.set_progress_bar_config(disable=True)
         sync()
         record["load_s"] = round(time.perf_counter() - t0, 2)
@@ -370,7 +370,7 @@ def probe_max_pixels(pipe, call, cap_gib, sides, compiled: bool, record: dict) -
 
     import torch
 
-    from worker.diffusion import is_out_of_memory
+    from worker.engine.diffusion import is_out_of_memory
 
     cuda = torch.cuda.is_available() and record["device"] != "cpu"
     stance = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
@@ -516,19 +516,19 @@ def smoke(device: str) -> int:
     """Every profile applied to the tiny pipeline and rendered at 256x256, 2 steps, in this process."""
     import torch
 
-    from worker import offload, pipeline, tiny
+    from worker.engine import pipeline, placement, specs, tiny
 
     failures = 0
     with tempfile.TemporaryDirectory() as folder:
         tiny.build_tiny(folder)
-        for name in offload.PROFILES:
-            if device != "cuda" and name != offload.CPU_PROFILE:
+        for name in specs.PROFILES:
+            if device != "cuda" and name != specs.CPU_PROFILE:
                 continue
             t0 = time.perf_counter()
             try:
-                dtype = torch.float32 if name == offload.CPU_PROFILE else pipeline.default_dtype(device)
-                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=offload.gpu_components(name), device=device)
-                spec = offload.apply_profile(pipe, name, device)
+                dtype = torch.float32 if name == specs.CPU_PROFILE else pipeline.default_dtype(device)
+                pipe = pipeline.load_pipeline(folder, dtype, gpu_components=specs.gpu_components(name), device=device)
+                spec = placement.apply_profile(pipe, name, device)
                 pipe.set_progress_bar_config(disable=True)
                 image = pipe(prompt="a cat", height=256, width=256, num_inference_steps=2, guidance_scale=0.0,
                              generator=torch.Generator("cpu").manual_seed(0)).images[0]
@@ -545,7 +545,7 @@ def smoke(device: str) -> int:
 
 
 def worker_check(model_dir: str, vram_class: int, table_path: str, jsonl: str, ram_gib: float) -> dict:
-    """The worker's own renderer (worker.diffusion) on the chosen profile under the class's cap:
+    """The worker's own renderer (worker.engine.diffusion) on the chosen profile under the class's cap:
     two 1024x1024 8-step jobs through DiffusionRenderer.render, as a Celery child would run them."""
     import hashlib
     import io
@@ -554,8 +554,8 @@ def worker_check(model_dir: str, vram_class: int, table_path: str, jsonl: str, r
 
     from shared.schema import JobSpec
     from shared.settings import Settings
-    from worker.detect import BootInfo
-    from worker.diffusion import DiffusionRenderer
+    from worker.engine.detect import BootInfo
+    from worker.engine.diffusion import DiffusionRenderer
 
     table = table_rules.load_table(table_path)
     choice = table_rules.choose(table, vram_class, ram_gib)
@@ -590,12 +590,12 @@ def build_table(jsonl_paths: list[str], out: Path) -> dict:
     the profile's current definition (a run made with --set overrides counts once the definition
     adopts exactly those settings; runs of an older definition drop out). Failed runs stay in.
 
-    Each row says whether the profile is lossy (`worker.offload.is_lossy`) and carries the fidelity
+    Each row says whether the profile is lossy (`worker.engine.specs.is_lossy`) and carries the fidelity
     comparison made for that very run, when the matrix made one (a fidelity record names its run by
     label and follows it in the file)."""
     import dataclasses
 
-    from worker.offload import PROFILES, Spec, is_lossy, spec_for
+    from worker.engine.specs import PROFILES, Spec, is_lossy, spec_for
 
     # A field added to Spec after a run was recorded had its default then; one removed since (an option
     # measured and dropped) is ignored.
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        from worker import tiny
+        from worker.engine import tiny
 
         if (Path(args.dir) / "model_index.json").exists():
             print(json.dumps({"dir": args.dir, "cached": True}))

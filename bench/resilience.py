@@ -44,8 +44,17 @@ import psutil  # noqa: E402
 from farm import wait_for  # noqa: E402  (tests/farm.py)
 from shared import keys  # noqa: E402
 from shared.ledger import MAX_ATTEMPTS  # noqa: E402
-from test_no_job_lost import (FAST_S, REDIS_DOWN_S, SLOW_S, Rig, set_time_limit, claimed_by,  # noqa: E402
-                              malformed_messages, specs, zfarm_cli)
+from test_no_job_lost import (  # noqa: E402
+    FAST_S,
+    REDIS_DOWN_S,
+    SLOW_S,
+    Rig,
+    claimed_by,
+    malformed_messages,
+    set_time_limit,
+    specs,
+    zfarm_cli,
+)
 
 COLUMNS = ("scenario", "jobs", "done", "failed", "expected failed", "cancelled", "lost", "stored twice",
            "same image", "counted twice", "recovery s")

@@ -5,7 +5,7 @@
 #   bash bench/run_gpu.sh build                       # full-size random pipeline, cached in $ZFARM_BENCH_DIR
 #   bash bench/run_gpu.sh matrix PROFILE@CAP ...      # each in a fresh process; CAP in GiB or "none"
 #   HOST_MEMORY_LIMIT_GIB=23 bash bench/run_gpu.sh matrix ...   # each under a host-memory limit (cgroup v2)
-#   bash bench/run_gpu.sh worker CLASS ...            # worker.diffusion on the chosen profile under the class cap
+#   bash bench/run_gpu.sh worker CLASS ...            # worker.engine.diffusion on the chosen profile under the class cap
 #   bash bench/run_gpu.sh table                       # bench/results/profile_table.json from the raw runs
 #   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
 #   bash bench/run_gpu.sh kernels                     # attention and matmul kernels on the DiT's shapes

@@ -64,7 +64,7 @@ for _name, _value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "tes
 
 from farm import (RedisServer, S3Server, WorkerProcess, base_env, s3_env, wait_for,  # noqa: E402  (tests/farm.py)
                   workers_blocked_on_job_queues)
-from shared import keys, profiles, registry  # noqa: E402
+from shared import keys, profiles, registry, routing  # noqa: E402
 
 MEASURED_TABLE = REPO / "bench" / "results" / "profile_table.json"
 # (width, height, share of jobs) at 8 steps, over every size tier of the measured table.
@@ -212,7 +212,7 @@ class Soak:
         self.initial_fleet = fleet
         choice = {c: profiles.choose(self.table, c, args.ram_gb) for c in self.classes}
         self.max_pixels = {c: choice[c].max_pixels for c in self.classes}
-        mean_units = sum(share * profiles.work_units(w * h, 8) for w, h, share in SIZE_MIX)
+        mean_units = sum(share * routing.work_units(w * h, 8) for w, h, share in SIZE_MIX)
         unscaled_units_per_s = sum(1 / choice[c].s_per_image for c in fleet)
         self.scale = unscaled_units_per_s / (args.target_jobs_per_s * mean_units)
         self.s_per_image = {c: choice[c].s_per_image * self.scale for c in self.classes}
@@ -526,7 +526,7 @@ class Soak:
                     totals["stored_twice_differing"] += 1
                 spec = jobs[i]["spec"]
                 finished.append((status["created_at"], max(t for _, t in side), b["priority"],
-                                 profiles.work_units(spec["width"] * spec["height"], spec["steps"])))
+                                 routing.work_units(spec["width"] * spec["height"], spec["steps"])))
                 sample.append((f"{b['id']}/{i:06d}.json", status["created_at"], b["priority"]))
         rng = random.Random(self.args.seed)
         sample = rng.sample(sample, min(len(sample), self.args.latency_sample))

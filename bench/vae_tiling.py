@@ -1,6 +1,6 @@
 """What tiled VAE decoding alone does to an image (a measuring tool, not a test).
 
-The small-card profiles decode in 512-pixel tiles (`worker.offload.VAE_TILE_PX`), which blends
+The small-card profiles decode in 512-pixel tiles (`worker.engine.placement.VAE_TILE_PX`), which blends
 overlapping tiles. This decodes the same latents with the full-size Z-Image VAE architecture (random
 weights, like the benchmark's pipeline) whole and tiled, and compares them with the benchmark's
 fidelity measure (`bench.profiles.compare_images`, same 40 dB rule). No GPU needed: float32 on the CPU.
@@ -25,7 +25,7 @@ def full_size_vae():
     import torch
     from diffusers import AutoencoderKL
 
-    from worker import tiny
+    from worker.engine import tiny
 
     torch.manual_seed(tiny.SEED)
     return AutoencoderKL(
@@ -38,7 +38,7 @@ def full_size_vae():
 def decode(vae, latents, tiled: bool):
     import torch
 
-    from worker.offload import VAE_TILE_PX
+    from worker.engine.placement import VAE_TILE_PX
 
     if tiled:
         vae.enable_tiling()

@@ -18,7 +18,7 @@ set -euo pipefail
 if [[ ! -d "${ZFARM_MODEL:-}" ]]; then
   read -r -a fetch_args <<<"${ZFARM_FETCH_ARGS:-}"
   echo "start-workers: fetching the model into ${ZFARM_MODEL_CACHE:-the default cache}" >&2
-  ZFARM_MODEL=$(python -m worker.fetch "${fetch_args[@]}")
+  ZFARM_MODEL=$(python -m worker.engine.fetch "${fetch_args[@]}")
   export ZFARM_MODEL
 fi
 

@@ -21,7 +21,8 @@ from typing import Callable, Iterable
 from urllib.parse import urlparse
 
 from producer.files import PromptEntry, source_name, validate_records
-from shared import keys, profiles, registry
+from shared import keys, profiles, registry, routing
+from shared.errors import SubmitError
 from shared.ledger import Ledger
 from shared.redis_conn import connect
 from shared.schema import PRIORITIES, Job, JobSpec, check_id, check_name, new_batch_id
@@ -42,8 +43,6 @@ DOWNLOAD_THREADS = 8
 _RESULT_NAME = re.compile(r"^(?P<batch>[A-Za-z0-9_-]+)/(?P<index>\d{6})\.(?P<ext>png|json)$")
 
 
-class SubmitError(ValueError):
-    """A submission refused before anything was queued (bad option, no worker can render a job)."""
 
 
 class Farm:
@@ -54,7 +53,7 @@ class Farm:
         self.settings = settings
         self.redis = redis_client if redis_client is not None else connect(
             settings.redis_url, redis_retry_s, settings.redis_master_name)
-        self.table = profiles.load_table() if table is None else table
+        self.table = profiles.load_table(settings.profile_table) if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None
 
@@ -98,7 +97,7 @@ class Farm:
                 return Batch(self, earlier.decode(), created=False)
 
         max_pixels = profiles.max_pixels_by_class(self.table)
-        tiers = [profiles.tier_for_pixels(e.spec.pixels, max_pixels) for e in entries]
+        tiers = [routing.tier_for_pixels(e.spec.pixels, max_pixels) for e in entries]
         live = registry.live_workers(self.redis)
         if live and not allow_pending:
             _refuse_oversized(entries, tiers, live, max_pixels, source_label)
@@ -112,22 +111,22 @@ class Farm:
                       submitted_at=now)
             limit_key = (entry.spec.pixels, entry.spec.steps)
             if limit_key not in limits:
-                limits[limit_key] = profiles.job_time_limit_s(*limit_key, self.table, self.settings.job_margin)
+                limits[limit_key] = routing.job_time_limit_s(*limit_key, self.table, self.settings.job_margin)
             hard_s = limits[limit_key]
-            queue = keys.queue(priority, tier, lane)
+            queue = routing.queue(priority, tier, lane)
             jobs.append(job)
             queued.append((queue, render_message(job.to_wire(), job.id, queue, hard_s,
                                                  max(1.0, hard_s - SOFT_LIMIT_MARGIN_S))))
         meta = {"name": name or "", "priority": priority, "created_at": now, "total": len(jobs),
                 "storage_url": self.settings.storage_url, "webhook": webhook or "",
                 "idempotency_key": idem, "source": source_label, "lane": lane,
-                "work_units": round(sum(profiles.work_units(j.spec.pixels, j.spec.steps) for j in jobs), 3)}
+                "work_units": round(sum(routing.work_units(j.spec.pixels, j.spec.steps) for j in jobs), 3)}
         # Push in the order workers serve queues (largest tier first): a worker blocked on several
         # queues is handed the first list the transaction pushes to, not the first it named. Within
         # a queue the largest jobs go first (file order among equal ones): a batch whose big jobs
         # came last would end with a few cards busy on them while the rest idle (docs/scheduling.md).
-        ceilings = profiles.tier_ceilings(max_pixels)
-        order = [(profiles.queue_rank(queue, ceilings), -profiles.work_units(job.spec.pixels, job.spec.steps))
+        ceilings = routing.tier_ceilings(max_pixels)
+        order = [(routing.queue_rank(queue, ceilings), -routing.work_units(job.spec.pixels, job.spec.steps))
                  for (queue, _), job in zip(queued, jobs)]
         queued = [queued[i] for i in sorted(range(len(queued)), key=order.__getitem__)]
         batch_id, created = self.ledger.create_batch(batch_id, meta, jobs, queued, idem)
@@ -135,22 +134,17 @@ class Farm:
                      queues=_count_queues(queued) if created else {})
 
     def _pick_lane(self, priority: str, tiers: list[str], live: list[dict]) -> int:
-        """The lane of this priority with the fewest queued messages over the batch's tiers.
-
-        One round trip. Ties (typically: all empty) are broken by a shared counter, so batches
-        submitted at the same moment still spread over different lanes. Never a lane that a live
-        worker does not consume (one started with a smaller ZFARM_LANES)."""
-        lanes = max(1, min([int(self.settings.lanes)] + [int(w["lanes"]) for w in live
-                                                         if str(w.get("lanes", "")).isdigit()]))
+        """The lane of this priority with the fewest queued messages over the batch's tiers
+        (`routing.pick_lane`), among the lanes every live worker consumes. One round trip."""
+        lanes = routing.usable_lanes(self.settings.lanes, live)
         with self.redis.pipeline(transaction=False) as pipe:
             for lane in range(lanes):
                 for tier in tiers:
-                    pipe.llen(keys.queue(priority, tier, lane))
+                    pipe.llen(routing.queue(priority, tier, lane))
             pipe.incr(keys.LANE_CURSOR)
             replies = pipe.execute()
-        cursor = int(replies[-1])
         lengths = [sum(replies[lane * len(tiers):(lane + 1) * len(tiers)]) for lane in range(lanes)]
-        return min(range(lanes), key=lambda lane: (lengths[lane], (lane - cursor) % lanes))
+        return routing.pick_lane(lengths, int(replies[-1]))
 
     # Following
     def batch(self, batch_id: str) -> "Batch":
@@ -229,17 +223,10 @@ class Batch:
 
     def retry_failed(self) -> int:
         """Queue the failed jobs again, in the batch's own lane; returns how many."""
-        meta = self.status()["meta"]
-        lane = int(meta.get("lane", 0))
-        table, margin = self.farm.table, self.farm.settings.job_margin
-
-        def queue_for(job: Job) -> str:
-            return keys.queue(job.priority, job.tier, lane)
-
-        def time_limit_for(job: Job) -> float:
-            return profiles.job_time_limit_s(job.spec.pixels, job.spec.steps, table, margin)
-
-        return self.farm.ledger.requeue_failed(self.id, queue_for, time_limit_for)
+        lane = int(self.status()["meta"].get("lane", 0))
+        return self.farm.ledger.requeue_failed(
+            self.id, lambda job: routing.queue_for(job, lane),
+            routing.time_limit_for(self.farm.table, self.farm.settings.job_margin))
 
 
 def _source_label(source: str | None) -> str:
@@ -283,7 +270,7 @@ def _refuse_oversized(entries: list[PromptEntry], tiers: list[str], live: list[d
     """Raise SubmitError if some job is in a size tier no live worker consumes (it is larger than
     every live worker renders). Judged by tiers, as routing and `waiting_for_worker` are, so a job
     accepted is a job some live worker will take."""
-    served = {t for w in live for t in profiles.tiers_served(_worker_max_pixels(w), max_pixels)}
+    served = {t for w in live for t in routing.tiers_served(_worker_max_pixels(w), max_pixels)}
     oversized = [(i, e) for i, (e, tier) in enumerate(zip(entries, tiers)) if tier not in served]
     if not oversized:
         return
@@ -314,7 +301,7 @@ def _count_queues(queued: list[tuple[str, str]]) -> dict[str, int]:
 def _with_waiting(status: dict, live_max_pixels: dict[str, int], max_pixels: dict) -> dict:
     served: set[str] = set()
     for px in live_max_pixels.values():
-        served.update(profiles.tiers_served(px, max_pixels))
+        served.update(routing.tiers_served(px, max_pixels))
     waiting = sum(n for tier, n in status["queued_by_tier"].items() if tier not in served)
     # The ledger never lets queued go below its tier counts; min() guards a hand-edited hash.
     waiting = min(waiting, status["queued"])
@@ -340,6 +327,10 @@ def _worker_row(worker: dict) -> dict:
         "last_seen": worker.get("last_seen"),
         "max_pixels": _worker_max_pixels(worker),
         "state": worker.get("state", ""),  # "loading" until the model is in memory, then "ready"
+        "arch": worker.get("arch", ""),
+        # Set when the chosen profile failed its boot self-test (or ran out of memory) and another took over.
+        "downgraded_from": worker.get("downgraded_from") or None,
+        "downgrade_reason": worker.get("downgrade_reason") or None,
     }
     return row
 

@@ -15,14 +15,13 @@ import time
 
 import redis
 
-from producer.api import Farm, SubmitError, failure_reason, scale_advice
-from producer.files import PromptFileError, parse_prompt_file
+from producer.api import Farm, failure_reason, scale_advice
+from producer.files import parse_prompt_file
 from producer.progress import CountBar, Progress
 from shared import profiles
-from shared.ledger import LedgerError
-from shared.schema import PRIORITIES, JobError
-from shared.settings import Settings, SettingsError
-from shared.storage import StorageError
+from shared.errors import PromptFileError, StorageError, UsageError, ZfarmError
+from shared.schema import PRIORITIES
+from shared.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1       # wait: some job failed or was cancelled
@@ -35,15 +34,13 @@ WAIT_REDIS_RETRY_S = 60.0
 FAILURES_SHOWN = 20
 STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
                  "done", "failed", "cancelled")
-WORKER_FIELDS = ("name", "host", "gpu", "vram_gb", "vram_class", "profile", "state", "jobs_done",
-                 "jobs_failed", "s_per_image", "last_seen")
+WORKER_FIELDS = ("name", "host", "gpu", "arch", "vram_gb", "vram_class", "profile", "downgraded_from", "state",
+                 "jobs_done", "jobs_failed", "s_per_image", "last_seen")
 # Sub-commands handed whole to another module: their arguments are that module's to parse.
-PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.tiny", "fetch-model": "worker.fetch"}
+PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.engine.tiny", "fetch-model": "worker.engine.fetch"}
 GLOBAL_OPTIONS = ("--redis-url", "--storage-url")
 
 
-class UsageError(ValueError):
-    """A command-line mistake argparse cannot see (options that do not go together)."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -118,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("worker", "run a render worker (python -m worker ...)"),
                             ("tiny-model", "build a small random-weight model: tiny-model DIR"),
-                            ("fetch-model", "download the model weights (python -m worker.fetch ...)")):
+                            ("fetch-model", "download the model weights (python -m worker.engine.fetch ...)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -153,16 +150,17 @@ def _exec(argv: list[str]) -> None:
 
 
 def run_passthrough(args, command: str, rest: list[str]) -> int:
-    # The worker reads its settings from the environment; the global options travel that way.
-    if args.redis_url:
-        os.environ["ZFARM_REDIS_URL"] = args.redis_url
-    if args.storage_url:
-        os.environ["ZFARM_STORAGE_URL"] = args.storage_url
+    """Run `zfarm worker|tiny-model|fetch-model` as its own module. The global options go to the
+    worker as its own flags; the other commands touch neither Redis nor storage."""
     if command == "tiny-model" and len(rest) != 1:
         raise UsageError("usage: zfarm tiny-model DIR")
+    forwarded = []
+    if command == "worker":
+        forwarded += ["--redis-url", args.redis_url] if args.redis_url else []
+        forwarded += ["--storage-url", args.storage_url] if args.storage_url else []
     sys.stdout.flush()
     sys.stderr.flush()
-    _exec([sys.executable, "-m", PASSTHROUGH[command], *rest])
+    _exec([sys.executable, "-m", PASSTHROUGH[command], *forwarded, *rest])
     return EXIT_OK
 
 
@@ -402,8 +400,9 @@ def _fidelity_cell(row: dict) -> str:
 
 
 def cmd_profiles(args) -> int:
-    allow_lossy = Settings.from_env().allow_lossy if args.allow_lossy is None else args.allow_lossy
-    report = profiles_report(profiles.load_table(), args.vram_gb, args.ram_gb, allow_lossy)
+    settings = Settings.from_env()
+    allow_lossy = settings.allow_lossy if args.allow_lossy is None else args.allow_lossy
+    report = profiles_report(profiles.load_table(settings.profile_table), args.vram_gb, args.ram_gb, allow_lossy)
     if args.json:
         _print_json(report)
         return EXIT_OK
@@ -440,7 +439,23 @@ def _redact(url: str) -> str:
 def _redis_url_for_message(args) -> str:
     if args is not None and getattr(args, "redis_url", None):
         return _redact(args.redis_url)
-    return _redact(os.environ.get("ZFARM_REDIS_URL", "redis://localhost:6379/0"))
+    return _redact(Settings.from_env().redis_url)
+
+
+def _report(exc: ZfarmError) -> int:
+    """Say what went wrong, one line per problem, and give the exit code for it."""
+    if isinstance(exc, PromptFileError):
+        _say(f"zfarm: refused {exc.errors[0].file}: {len(exc.errors) + exc.more} error(s); nothing was queued")
+        for error in exc.errors:
+            _say(f"  {error}")
+        if exc.more:
+            _say(f"  ... and {exc.more} more")
+        return EXIT_USAGE
+    if isinstance(exc, StorageError):
+        _say(f"zfarm: storage: {exc}")
+        return EXIT_UNAVAILABLE
+    _say(f"zfarm: {exc}")
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,21 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         if split:
             return run_passthrough(args, split[1], split[2])
         return args.func(args)
-    except PromptFileError as exc:
-        _say(f"zfarm: refused {exc.errors[0].file}: {len(exc.errors) + exc.more} error(s); nothing was queued")
-        for error in exc.errors:
-            _say(f"  {error}")
-        if exc.more:
-            _say(f"  ... and {exc.more} more")
-        return EXIT_USAGE
-    except (UsageError, SubmitError, JobError, LedgerError, SettingsError, profiles.ProfileError) as exc:
-        _say(f"zfarm: {exc}")
-        return EXIT_USAGE
+    except ZfarmError as exc:
+        return _report(exc)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _say(f"zfarm: cannot reach Redis at {_redis_url_for_message(args)}: {exc}")
-        return EXIT_UNAVAILABLE
-    except StorageError as exc:
-        _say(f"zfarm: storage: {exc}")
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         _say("zfarm: interrupted")

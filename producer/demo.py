@@ -23,7 +23,8 @@ import redis
 from producer.api import Farm
 from producer.progress import Progress
 from shared import registry
-from shared.settings import Settings
+from shared.errors import DemoError
+from shared.settings import DEFAULT_MODEL, Settings
 
 DEMO_PROMPTS = ("a cat in the neon city at night", "an old man by the river, watercolor style",
                 "a lantern on a stone bridge in the fog", "a red flower in a glass, studio light")
@@ -38,8 +39,6 @@ LOG_TAIL_CHARS = 3000
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds producer/, shared/, worker/
 
 
-class DemoError(RuntimeError):
-    """The demo could not run; the message says what to look at."""
 
 
 def _say(message: str) -> None:
@@ -110,9 +109,10 @@ def local_redis(workdir: Path):
     return fake_redis_server()
 
 
-def _worker_env(**zfarm) -> dict:
+def _child_env() -> dict:
+    """The environment of the demo's child processes: this one's, made to find zfarm and flush output.
+    zfarm's own settings go to them as flags."""
     env = dict(os.environ)
-    env.update({k: v for k, v in zfarm.items() if v})
     env["PYTHONUNBUFFERED"] = "1"
     # `python -m worker` must find the package next to this one, installed or run from a checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -124,7 +124,7 @@ def ensure_tiny_model(folder: Path) -> Path:
         _say(f"demo: using the tiny model in {folder}")
         return folder
     _say(f"demo: building the tiny random-weight model in {folder} (once)")
-    done = subprocess.run([sys.executable, "-m", "worker.tiny", str(folder)], env=_worker_env(),
+    done = subprocess.run([sys.executable, "-m", "worker.engine.tiny", str(folder)], env=_child_env(),
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise DemoError(f"building the tiny model failed ({done.returncode}):\n{done.stderr[-LOG_TAIL_CHARS:]}")
@@ -132,10 +132,12 @@ def ensure_tiny_model(folder: Path) -> Path:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict, log_path: Path):
+    def __init__(self, settings: Settings, log_path: Path):
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker", "--name", WORKER_NAME], env=env,
+        args = ["--name", WORKER_NAME, "--redis-url", settings.redis_url, "--storage-url", settings.storage_url,
+                "--model", settings.model]
+        self.process = subprocess.Popen([sys.executable, "-m", "worker", *args], env=_child_env(),
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
@@ -186,14 +188,16 @@ def run(workdir: str = "zfarm-demo", redis_url: str | None = None, storage_url: 
         with ExitStack() as stack:
             if not redis_url:
                 redis_url = stack.enter_context(local_redis(work))
-            model = os.environ.get("ZFARM_MODEL") or str(ensure_tiny_model(work / "tiny-model"))
-            tiny = "ZFARM_MODEL" not in os.environ
-            env = _worker_env(ZFARM_REDIS_URL=redis_url, ZFARM_STORAGE_URL=storage_url, ZFARM_MODEL=model)
+            settings = Settings.from_env(redis_url=redis_url, storage_url=storage_url)
+            # The demo renders the tiny model unless ZFARM_MODEL names another one.
+            tiny = settings.model == DEFAULT_MODEL
+            if tiny:
+                settings = settings.replace(model=str(ensure_tiny_model(work / "tiny-model")))
             _say(f"demo: starting a worker (log: {work / 'worker.log'})")
-            worker = WorkerProcess(env, work / "worker.log")
+            worker = WorkerProcess(settings, work / "worker.log")
             stack.callback(lambda: _say(f"demo: worker stopped ({worker.stop()})"))
 
-            farm = Farm(Settings.from_env(redis_url=redis_url, storage_url=storage_url, model=model))
+            farm = Farm(settings)
             info = wait_for_worker(farm, worker, WORKER_READY_TIMEOUT_S)
             _say(f"demo: worker {info['name']} is ready")
             batch = farm.submit([{"prompt": p, "seed": seed} for seed, p in enumerate(DEMO_PROMPTS, 1)],

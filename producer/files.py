@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from shared.errors import PromptFileError
 from shared.schema import SPEC_FIELDS, JobError, JobSpec
 
 MAX_ERRORS = 20
@@ -33,21 +34,6 @@ class FileError:
         return f"{where}: {self.field}: {self.message}"
 
 
-class PromptFileError(ValueError):
-    """A prompt file that cannot be queued. `errors` lists every (file, line, field, message) found."""
-
-    def __init__(self, errors: list[FileError], more: int = 0):
-        self.errors = list(errors)
-        self.more = more  # errors found beyond MAX_ERRORS, counted but not kept
-        head = f"{len(self.errors) + more} error(s); nothing was queued"
-        super().__init__(head + "".join(f"\n  {e}" for e in self.errors)
-                         + (f"\n  ... and {more} more" if more else ""))
-
-    @property
-    def first_line(self) -> str:
-        """One line for a terminal: the first error and how many others there are."""
-        rest = len(self.errors) + self.more - 1
-        return str(self.errors[0]) + (f" (and {rest} more error(s))" if rest else "")
 
 
 @dataclass(frozen=True)

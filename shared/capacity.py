@@ -1,7 +1,7 @@
 """Scaling advice: when will the queue drain with the fleet as it is, and what to add or remove to
 meet a deadline. Pure arithmetic over the ledger's queue depths and the registry's speeds.
 
-Work is counted in reference images (1024x1024, 8 steps; `profiles.work_units`), speeds in
+Work is counted in reference images (1024x1024, 8 steps; `routing.work_units`), speeds in
 seconds per reference image: each worker's moving average when it has one, else its measured
 profile's figure, else the class's figure from the profile table.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from shared import profiles
+from shared import profiles, routing
 
 
 @dataclass(frozen=True)
 class Backlog:
-    tier: str            # "any", "c24", ... (see profiles.tier_for_pixels)
+    tier: str            # "any", "c24", ... (see routing.tier_for_pixels)
     jobs: int
     work_units: float
 
@@ -50,10 +50,10 @@ def worker_speed_s(worker: dict, table: dict) -> float | None:
 
 def _tier_min_pixels(tier: str, max_pixels: dict) -> int:
     """Smallest max_pixels a worker needs to take every job of this tier: the tier's ceiling
-    (`profiles.tier_ceilings`); every worker serves the shared tier."""
+    (`routing.tier_ceilings`); every worker serves the shared tier."""
     if tier == "any":
         return 0
-    return profiles.tier_ceilings(max_pixels).get(tier, profiles.JOB_MAX_PIXELS)
+    return routing.tier_ceilings(max_pixels).get(tier, routing.JOB_MAX_PIXELS)
 
 
 def finish_s(backlog: list[Backlog], workers: list[tuple[int, float]], max_pixels: dict) -> float | None:

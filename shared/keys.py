@@ -77,25 +77,3 @@ LOST_SUSPECTS = f"{PREFIX}:lost-suspects"
 # Celery/kombu's own keys (kombu.transport.redis defaults), read by the dead-worker sweep.
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
-
-
-# Queues
-QUEUE_PREFIX = "zfarm"
-SHARED_TIER = "any"
-
-
-def queue(priority: str, tier: str, lane: int) -> str:
-    """Celery queue (a Redis list) for jobs of one priority, size tier and lane.
-
-    tier "any" holds jobs every class can render; tier "c24" holds jobs that need the 24 GB
-    class or larger. Lanes let concurrent batches of one priority take turns.
-    """
-    return f"{QUEUE_PREFIX}.{priority}.{tier}.{lane}"
-
-
-def parse_queue(name: str):
-    """(priority, tier, lane) of a zfarm queue name, or None for any other queue."""
-    parts = name.split(".")
-    if len(parts) != 4 or parts[0] != QUEUE_PREFIX or not parts[3].isdigit():
-        return None
-    return parts[1], parts[2], int(parts[3])

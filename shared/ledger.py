@@ -1,7 +1,7 @@
 """The batch ledger: the one owner of job accounting in Redis.
 
-Each transition is one atomic step (a MULTI/EXEC or a Lua script), so the counts always add up:
-total = queued + running + done + failed + cancelled. A job's state hash entry makes every
+Each transition is one atomic step (a MULTI/EXEC or a Lua script from `shared/lua/`), so the counts
+always add up: total = queued + running + done + failed + cancelled. A job's state hash entry makes every
 transition idempotent: a message delivered twice (after a crash) is rendered again at most, and
 counted once.
 """
@@ -13,7 +13,8 @@ import uuid
 
 import redis
 
-from shared import keys
+from shared import keys, lua
+from shared.errors import LedgerError
 from shared.schema import Job, JobError, check_id
 from shared.wire import render_message
 
@@ -22,84 +23,6 @@ FINAL_STATES = ("done", "failed", "cancelled")
 # instead of going round forever.
 MAX_ATTEMPTS = 5
 COUNT_FIELDS = ("queued", "running", "done", "failed", "cancelled")
-
-# The size tier a queued job is counted under is the one stored with the batch, never the one a
-# message claims: a forged or malformed message must not skew the per-tier queued counts.
-# KEYS[8] below (KEYS[6] in _START): the batch's jobs hash.   ARGV[6] (ARGV[3]): the fallback tier.
-_STORED_TIER = """
-local function stored_tier(jobs_key, index, fallback)
-  local ok, job = pcall(cjson.decode, redis.call('HGET', jobs_key, index) or '')
-  if ok and type(job) == 'table' and type(job.tier) == 'string' then return job.tier end
-  return fallback
-end
-"""
-
-# KEYS: counts, states, running, meta, attempts, jobs   ARGV: index, worker, tier, max_attempts
-_START = _STORED_TIER + """
-local st = redis.call('HGET', KEYS[2], ARGV[1])
-if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
-if redis.call('HEXISTS', KEYS[6], ARGV[1]) == 0 then return 'unknown' end
-if not st and redis.call('HGET', KEYS[4], 'cancelled') == '1' then return 'cancelled' end
-if redis.call('HINCRBY', KEYS[5], ARGV[1], 1) > tonumber(ARGV[4]) then return 'exhausted' end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-if st == 'running' then return 'run' end
-redis.call('HSET', KEYS[2], ARGV[1], 'running')
-redis.call('HINCRBY', KEYS[1], 'queued', -1)
-redis.call('HINCRBY', KEYS[1], 'queued:' .. stored_tier(KEYS[6], ARGV[1], ARGV[3]), -1)
-redis.call('HINCRBY', KEYS[1], 'running', 1)
-return 'run'
-"""
-
-_COMPLETE_IF_DONE = """
-local c = redis.call('HMGET', KEYS[1], 'total', 'done', 'failed', 'cancelled')
-local finished = tonumber(c[2] or 0) + tonumber(c[3] or 0) + tonumber(c[4] or 0)
-if c[1] and finished >= tonumber(c[1]) and redis.call('HEXISTS', KEYS[5], 'finished_at') == 0 then
-  redis.call('HSET', KEYS[5], 'finished_at', ARGV[4])
-  redis.call('SREM', KEYS[6], ARGV[5])
-  redis.call('RPUSH', KEYS[7], ARGV[5])
-end
-"""
-
-# KEYS: counts, states, running, failures, meta, active, finished-events, jobs[, worker stats]
-# ARGV: index, outcome, reason, now, batch_id, tier
-_FINISH = _STORED_TIER + """
-local st = redis.call('HGET', KEYS[2], ARGV[1])
-if st == 'done' or st == 'failed' or st == 'cancelled' then return 0 end
-if redis.call('HEXISTS', KEYS[8], ARGV[1]) == 0 then return -1 end
-if st == 'running' then
-  redis.call('HINCRBY', KEYS[1], 'running', -1)
-  redis.call('HDEL', KEYS[3], ARGV[1])
-else
-  if redis.call('HGET', KEYS[5], 'cancelled') == '1' then return 0 end
-  redis.call('HINCRBY', KEYS[1], 'queued', -1)
-  redis.call('HINCRBY', KEYS[1], 'queued:' .. stored_tier(KEYS[8], ARGV[1], ARGV[6]), -1)
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-if ARGV[2] == 'failed' then redis.call('HSET', KEYS[4], ARGV[1], ARGV[3]) end
-if KEYS[9] then redis.call('HINCRBY', KEYS[9], 'jobs_' .. ARGV[2], 1) end
-""" + _COMPLETE_IF_DONE + """
-return 1
-"""
-
-# KEYS: counts, states, running, failures, meta, active, finished-events   ARGV: -, -, -, now, batch_id
-_CANCEL = """
-if redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
-if redis.call('HGET', KEYS[5], 'cancelled') == '1' then return 0 end
-redis.call('HSET', KEYS[5], 'cancelled', '1')
-local queued = tonumber(redis.call('HGET', KEYS[1], 'queued') or 0)
-redis.call('HINCRBY', KEYS[1], 'cancelled', queued)
-redis.call('HSET', KEYS[1], 'queued', 0)
-for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(f, 1, 7) == 'queued:' then redis.call('HSET', KEYS[1], f, 0) end
-end
-""" + _COMPLETE_IF_DONE + """
-return queued
-"""
-
-
-class LedgerError(RuntimeError):
-    """Raised when a batch is unknown or a transition is impossible."""
 
 
 def job_ref(raw_job) -> tuple[str, int] | None:
@@ -116,18 +39,12 @@ def job_ref(raw_job) -> tuple[str, int] | None:
         return None
 
 
-def _batch_keys(batch_id: str) -> list[str]:
-    return [keys.batch_counts(batch_id), keys.batch_states(batch_id), keys.batch_running(batch_id),
-            keys.batch_failures(batch_id), keys.batch_meta(batch_id), keys.ACTIVE_BATCHES,
-            keys.FINISHED_EVENTS]
-
-
 class Ledger:
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
-        self._cancel = client.register_script(_CANCEL)
+        self._start = client.register_script(lua.source("start"))
+        self._finish = client.register_script(lua.source("finish"))
+        self._cancel = client.register_script(lua.source("cancel"))
 
     # Producer side
     def create_batch(self, batch_id: str, meta: dict, jobs: list[Job], queued: list[tuple[str, str]],
@@ -184,7 +101,9 @@ class Ledger:
 
     def cancel(self, batch_id: str) -> int:
         """Mark every job not yet started as cancelled; returns how many. Workers skip them."""
-        n = self._cancel(keys=_batch_keys(check_id(batch_id)), args=["", "", "", time.time(), batch_id])
+        check_id(batch_id)
+        n = self._cancel(keys=[keys.batch_counts(batch_id), keys.batch_meta(batch_id), keys.ACTIVE_BATCHES,
+                               keys.FINISHED_EVENTS], args=[time.time(), batch_id])
         if n == -1:
             raise LedgerError(f"no batch {batch_id}")
         return int(n)
@@ -328,9 +247,9 @@ class Ledger:
     def start(self, job: Job, worker: str, max_attempts: int = MAX_ATTEMPTS) -> str:
         """'run' to render; 'done'/'failed'/'cancelled' to skip; 'unknown' for a job not on record;
         'exhausted' when the job was started `max_attempts` times already."""
-        result = self._start(keys=_batch_keys(job.batch_id)[:3] + [keys.batch_meta(job.batch_id),
-                                                                    keys.batch_attempts(job.batch_id),
-                                                                    keys.batch_jobs(job.batch_id)],
+        b = job.batch_id
+        result = self._start(keys=[keys.batch_counts(b), keys.batch_states(b), keys.batch_running(b),
+                                   keys.batch_meta(b), keys.batch_attempts(b), keys.batch_jobs(b)],
                              args=[job.index, worker, job.tier, max_attempts])
         return result.decode() if isinstance(result, bytes) else result
 
@@ -346,7 +265,10 @@ class Ledger:
             raise LedgerError(f"bad outcome {outcome}")
         reason_json = json.dumps(reason or {}, separators=(",", ":"))
         stats_key = [keys.worker_stats(worker)] if worker else []
-        n = self._finish(keys=_batch_keys(job_batch_id) + [keys.batch_jobs(job_batch_id)] + stats_key,
+        b = job_batch_id
+        n = self._finish(keys=[keys.batch_counts(b), keys.batch_states(b), keys.batch_running(b),
+                               keys.batch_failures(b), keys.batch_meta(b), keys.ACTIVE_BATCHES, keys.FINISHED_EVENTS,
+                               keys.batch_jobs(b), *stats_key],
                          args=[index, outcome, reason_json, time.time(), job_batch_id, tier])
         if n == -1:
             raise LedgerError(f"no job {index} in batch {job_batch_id}")

@@ -1,7 +1,7 @@
 """VRAM classes, the measured profile table, and the chooser that reads it.
 
-No torch here: the producer uses the table for routing (`max_pixels` per class) and
-`zfarm profiles` prints it. How a profile is applied to a pipeline lives in `worker.offload`.
+No torch here: routing (`shared.routing`) reads `max_pixels` per class from it, and `zfarm profiles`
+prints it. What each profile does is `worker.engine.specs`; how it is applied, `worker.engine.placement`.
 
 The table is `bench/results/profile_table.json` (shipped in the package as
 `shared/profile_table.json`); the benchmark `bench/profiles.py` writes it. Each run records one
@@ -23,8 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from shared import keys
-from shared.schema import PRIORITIES, SIDE_MAX_PX
+from shared.errors import NoProfileFits, ProfileError
 
 # VRAM classes in GB, and the allocator cap (GiB) a card of that class can use: the card's total
 # less the CUDA context and driver reservations. The benchmark measures under these caps.
@@ -33,23 +32,18 @@ GPU_CLASSES = tuple(sorted(CLASS_CAPS_GIB))
 CPU_CLASS = "cpu"
 HEADROOM_GIB = 0.5
 CLASS_REACH_FRACTION = 0.93
-# What an uncapped benchmark run on the measuring card (an 80 GB H100) counts as.
+# What an uncapped benchmark run counts as: the whole of the measuring card, an 80 GB one.
 UNCAPPED_RUN_GIB = CLASS_CAPS_GIB[80]
 # Host memory the OS, Python and the worker need beside the profile's own RSS.
 HOST_RESERVE_GIB = 2.0
 CPU_MAX_PIXELS = 2048 * 2048
-# The largest job the schema accepts.
-JOB_MAX_PIXELS = SIDE_MAX_PX * SIDE_MAX_PX
 # Pixels of the reference job the table's speeds are measured on (1024x1024, 8 steps).
 REFERENCE_PIXELS = 1024 * 1024
 REFERENCE_STEPS = 8
 
-TABLE_ENV = "ZFARM_PROFILE_TABLE"
 _PACKAGED_TABLE = Path(__file__).with_name("profile_table.json")
 
 
-class ProfileError(ValueError):
-    """Raised when no measured profile fits the requested class and host."""
 
 
 def class_for_vram(total_gib: float) -> int | None:
@@ -85,13 +79,18 @@ class Choice:
     measured_cap_gib: float | None = None
     lossy: bool = False
     psnr_db_min: float | None = None   # worst seed against the bf16 reference, when compared
+    requires: tuple = ()               # capabilities the profile needs (`shared.archs`)
+    measured_on: str = ""              # the card, arch and torch of the run this choice rests on
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["requires"] = list(self.requires)
+        return out
 
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
-    path = Path(path or os.environ.get(TABLE_ENV) or _PACKAGED_TABLE)
+    """The table at `path` (`Settings.profile_table`), or the one shipped with zfarm when it is empty."""
+    path = Path(path or _PACKAGED_TABLE)
     if not path.exists():
         return {"runs": [], "profiles": {}, "measured": {}, "source": str(path)}
     table = json.loads(path.read_text())
@@ -104,51 +103,106 @@ def _measured_cap(run: dict) -> float:
     return UNCAPPED_RUN_GIB if run.get("cap_gib") is None else run["cap_gib"]
 
 
-def _fits(run: dict, cap_gib: float, ram_gib: float | None) -> bool:
+def _unfit(run: dict, cap_gib: float, ram_gib: float | None) -> str:
+    """Why this run is no evidence that its profile fits the class and host, or "" when it is."""
     if not run.get("ok") or run.get("s_per_image") is None or run.get("peak_reserved_gib") is None:
-        return False
-    # An uncapped run had the whole measuring card (an 80 GB H100): it is evidence for that class
+        return f"its run failed: {run.get('error') or 'no speed or memory recorded'}"[:200]
+    # An uncapped run had the whole measuring card (80 GB): it is evidence for that class
     # only. Its peak may look small, but its max_pixels was found with all that memory.
     if _measured_cap(run) > cap_gib + 1e-9:
-        return False
+        return f"measured only with {_measured_cap(run):g} GiB, more than this class's cap of {cap_gib:g} GiB"
     if run["peak_reserved_gib"] > cap_gib - HEADROOM_GIB:
-        return False
+        return (f"peak {run['peak_reserved_gib']:g} GiB of VRAM leaves less than {HEADROOM_GIB:g} GiB of the "
+                f"{cap_gib:g} GiB cap")
     if ram_gib is not None and run.get("host_rss_gib") is not None:
         if run["host_rss_gib"] > ram_gib - HOST_RESERVE_GIB:
-            return False
-    return True
+            return (f"needs {run['host_rss_gib']:g} GiB of host RAM; {ram_gib:g} GiB less {HOST_RESERVE_GIB:g} "
+                    f"for the system leaves {ram_gib - HOST_RESERVE_GIB:g}")
+    return ""
 
 
-def _faithful(run: dict, allow_lossy: bool) -> bool:
+def _unfaithful(run: dict, allow_lossy: bool) -> str:
     if allow_lossy or not run.get("lossy"):
-        return True
+        return ""
     fidelity = run.get("fidelity") or {}
-    return fidelity.get("visibly_different") is False
+    if fidelity.get("visibly_different") is False:
+        return ""
+    if not fidelity:
+        return "lossy and never compared with bf16 (ZFARM_ALLOW_LOSSY=1 admits it)"
+    return (f"its images differ visibly from bf16 ({fidelity.get('psnr_db_min')} dB; ZFARM_ALLOW_LOSSY=1 "
+            "admits it)")
 
 
-def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False) -> list[Choice]:
-    """Every measured profile that fits the class and host (and the fidelity rule), fastest first."""
+def _unsupported(run: dict, caps) -> str:
+    """Why the card `caps` describes cannot run this row's profile, or ""."""
+    if caps is None:
+        return ""
+    missing = caps.missing(run.get("requires") or ())
+    return f"needs {', '.join(missing)}, which {caps.arch} does not offer" if missing else ""
+
+
+def measured_on(run: dict) -> str:
+    """"NVIDIA H100 80GB HBM3 (sm_90), torch 2.11.0+cu130, cap 11 GiB": what a row's run rests on."""
+    where = run.get("device") or "an unrecorded card"
+    arch = run.get("arch") or "arch not recorded"
+    emulated = f", emulating {run['emulated_arch']}" if run.get("emulated_arch") else ""
+    cap = f", cap {run['cap_gib']:g} GiB" if run.get("cap_gib") is not None else ", no cap"
+    host = f", host limit {run['host_memory_limit_gib']:g} GiB" if run.get("host_memory_limit_gib") else ""
+    torch = f", torch {run['torch']}" if run.get("torch") else ""
+    return f"{where} ({arch}{emulated}){torch}{cap}{host}"
+
+
+def _arch_rank(run: dict, caps) -> int:
+    """Rows that speak for this card's architecture first: emulated as it, then measured on it."""
+    if caps is None:
+        return 0
+    if run.get("emulated_arch") == caps.arch:
+        return 2
+    return 1 if run.get("arch") == caps.arch and not run.get("emulated_arch") else 0
+
+
+def assess(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False,
+           caps=None) -> tuple[list[Choice], list[dict]]:
+    """(every measured profile that fits the class and host, meets the card's capabilities `caps`
+    (a `shared.archs.Capabilities`; None judges no card) and the fidelity rule, fastest first;
+    every other profile of the table, each with the reason it was left out)."""
     if vram_class == CPU_CLASS:
-        return [_cpu_choice(table)]
+        return [_cpu_choice(table)], []
     cap = CLASS_CAPS_GIB[vram_class]
     # A profile measured under several caps that fit speaks through its run under the largest one: the
     # measurement closest to this class, and the one whose largest image size the class can take (the
     # fastest run would do, but an 80 GB card would then serve only the sizes a 23 GiB cap reached).
     closest: dict[str, dict] = {}
+    why_not: dict[str, str] = {}
     for run in table.get("runs", []):
-        if run.get("profile") == CPU_CLASS or not _fits(run, cap, ram_gib) or not _faithful(run, allow_lossy):
+        name = run.get("profile")
+        if name == CPU_CLASS:
             continue
-        held = closest.get(run["profile"])
-        if held is None or _measured_cap(run) > _measured_cap(held):
-            closest[run["profile"]] = run
+        reason = _unsupported(run, caps) or _unfit(run, cap, ram_gib) or _unfaithful(run, allow_lossy)
+        if reason:
+            why_not.setdefault(name, reason)
+            continue
+        held = closest.get(name)
+        if held is None or (_arch_rank(run, caps), _measured_cap(run)) > (_arch_rank(held, caps), _measured_cap(held)):
+            closest[name] = run
     out = []
     for run in sorted(closest.values(), key=lambda r: (r["s_per_image"], -(r.get("max_pixels") or 0))):
         out.append(Choice(vram_class=vram_class, profile=run["profile"], s_per_image=run["s_per_image"],
                           peak_reserved_gib=run["peak_reserved_gib"], host_rss_gib=run.get("host_rss_gib"),
                           max_pixels=int(run.get("max_pixels") or REFERENCE_PIXELS), cap_gib=cap,
                           measured_cap_gib=run.get("cap_gib"), lossy=bool(run.get("lossy")),
-                          psnr_db_min=(run.get("fidelity") or {}).get("psnr_db_min")))
-    return out
+                          psnr_db_min=(run.get("fidelity") or {}).get("psnr_db_min"),
+                          requires=tuple(run.get("requires") or ()), measured_on=measured_on(run)))
+    never = sorted(set(table.get("profiles", {})) - set(closest) - set(why_not) - {CPU_CLASS})
+    excluded = [{"profile": name, "reason": why_not[name]} for name in sorted(set(why_not) - set(closest))]
+    excluded += [{"profile": name, "reason": "never measured"} for name in never]
+    return out, excluded
+
+
+def candidates(table: dict, vram_class, ram_gib: float | None = None, allow_lossy: bool = False,
+               caps=None) -> list[Choice]:
+    """Every measured profile that fits the class and host, the card and the fidelity rule, fastest first."""
+    return assess(table, vram_class, ram_gib, allow_lossy, caps)[0]
 
 
 def _cpu_choice(table: dict) -> Choice:
@@ -170,8 +224,8 @@ def _prefer_reach(found: list[Choice]) -> Choice:
 
 
 def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = "",
-           allow_lossy: bool = False) -> Choice:
-    """The fastest fitting profile, or the forced one (measured or not, on the user's word)."""
+           allow_lossy: bool = False, caps=None) -> Choice:
+    """The fastest fitting profile the card can run, or the forced one (measured or not, on the user's word)."""
     if forced:
         if vram_class == CPU_CLASS or forced == CPU_CLASS:
             return Choice(vram_class, forced, None, None, None, CPU_MAX_PIXELS, None)
@@ -179,20 +233,28 @@ def choose(table: dict, vram_class, ram_gib: float | None = None, forced: str = 
             if choice.profile == forced:
                 return choice
         return Choice(vram_class, forced, None, None, None, REFERENCE_PIXELS, CLASS_CAPS_GIB[vram_class])
-    found = candidates(table, vram_class, ram_gib, allow_lossy)
+    found = candidates(table, vram_class, ram_gib, allow_lossy, caps)
     if not found:
-        raise ProfileError(
-            f"no measured profile fits class {class_label(vram_class)} "
+        card = f" on {caps.arch}" if caps is not None else ""
+        raise NoProfileFits(
+            f"no measured profile fits class {class_label(vram_class)}{card} "
             f"(cap {CLASS_CAPS_GIB.get(vram_class)} GiB) with {ram_gib} GiB host RAM in {table.get('source')}"
             f"{'' if allow_lossy else ' among those that keep images as bf16 renders them (ZFARM_ALLOW_LOSSY=1 admits the rest)'}; "
             "measure one with bench/profiles.py or force one with --profile")
     return found[0] if vram_class == CPU_CLASS else _prefer_reach(found)
 
 
+def fallbacks(table: dict, chosen: Choice, ram_gib: float | None = None, allow_lossy: bool = False,
+              caps=None) -> list[Choice]:
+    """The profiles a worker steps down to, in order, when `chosen` fails its boot self-test: every other
+    candidate, fastest first. A forced profile has none: the operator asked for that one."""
+    return [c for c in candidates(table, chosen.vram_class, ram_gib, allow_lossy, caps) if c.profile != chosen.profile]
+
+
 def step_down(table: dict, vram_class, current: str, ram_gib: float | None = None,
-              allow_lossy: bool = False) -> Choice | None:
+              allow_lossy: bool = False, caps=None) -> Choice | None:
     """The next profile after `current` that needs less peak VRAM, for an out-of-memory retry."""
-    found = candidates(table, vram_class, ram_gib, allow_lossy)
+    found = candidates(table, vram_class, ram_gib, allow_lossy, caps)
     current_peak = next((c.peak_reserved_gib for c in found if c.profile == current), None)
     lower = [c for c in found if c.profile != current
              and (current_peak is None or (c.peak_reserved_gib or 0) < current_peak)]
@@ -200,12 +262,12 @@ def step_down(table: dict, vram_class, current: str, ram_gib: float | None = Non
     return lower[0] if lower else None
 
 
-def class_table(table: dict, ram_gib: float | None = None, allow_lossy: bool = False) -> list[dict]:
+def class_table(table: dict, ram_gib: float | None = None, allow_lossy: bool = False, caps=None) -> list[dict]:
     """One row per class: the profile the chooser would take there (or why none)."""
     rows = []
     for vram_class in GPU_CLASSES:
         try:
-            rows.append(choose(table, vram_class, ram_gib, allow_lossy=allow_lossy).to_dict())
+            rows.append(choose(table, vram_class, ram_gib, allow_lossy=allow_lossy, caps=caps).to_dict())
         except ProfileError as exc:
             rows.append({"vram_class": vram_class, "profile": None, "s_per_image": None,
                          "peak_reserved_gib": None, "host_rss_gib": None, "max_pixels": 0,
@@ -215,88 +277,5 @@ def class_table(table: dict, ram_gib: float | None = None, allow_lossy: bool = F
 
 
 def max_pixels_by_class(table: dict) -> dict:
+    """The largest image each class's chosen profile renders: what routing builds its tiers from."""
     return {row["vram_class"]: row["max_pixels"] for row in class_table(table) if row.get("profile")}
-
-
-def tier_ceilings(max_pixels: dict) -> dict[str, int]:
-    """Every size tier the table implies, with the largest job it holds, smallest tier first.
-
-    A tier is a level of `max_pixels`: "any" holds the jobs every GPU class renders (up to the
-    smallest class's max_pixels); each larger level is named "c<N>" after the smallest class that
-    reaches it; "c0" holds jobs above every class on record (up to the largest job the schema
-    allows), which only a worker that renders any size can take. Classes sharing a level share
-    its tier, so workers consume no queue that can never fill.
-
-    E.g. {12: 1024², 16: 1024², 24: 2048², 48: 2048²} gives {"any": 1024², "c24": 2048²}."""
-    gpu = sorted((px, c) for c, px in max_pixels.items() if c != CPU_CLASS)
-    if not gpu:
-        return {keys.SHARED_TIER: JOB_MAX_PIXELS}
-    ceilings = {keys.SHARED_TIER: gpu[0][0]}
-    top = gpu[0][0]
-    for px, vram_class in gpu:  # sorted by pixels, then class: a level's smallest class comes first
-        if px > top:
-            ceilings[f"c{vram_class}"] = top = px
-    if top < JOB_MAX_PIXELS:
-        ceilings["c0"] = JOB_MAX_PIXELS
-    return ceilings
-
-
-def tier_for_pixels(pixels: int, max_pixels: dict) -> str:
-    """The queue tier of a job: the smallest tier whose ceiling holds it (see `tier_ceilings`)."""
-    ceilings = tier_ceilings(max_pixels)
-    return next((tier for tier, ceiling in ceilings.items() if pixels <= ceiling), list(ceilings)[-1])
-
-
-def tiers_served(worker_max_pixels: int, max_pixels: dict) -> list[str]:
-    """Tiers a worker can take every job of, largest jobs first, the shared tier last.
-
-    Every worker serves the shared tier, whatever its own max_pixels: "any" is the floor of the
-    table, and a worker must consume something."""
-    ceilings = tier_ceilings(max_pixels)
-    larger = [tier for tier, ceiling in ceilings.items()
-              if tier != keys.SHARED_TIER and ceiling <= worker_max_pixels]
-    return larger[::-1] + [keys.SHARED_TIER]
-
-
-def queue_rank(queue: str, ceilings: dict[str, int]) -> tuple[int, int]:
-    """Where a queue stands in the order workers serve queues: priority first (high, normal, low),
-    then the tier of the largest jobs first (by `tier_ceilings`), the shared tier last. Lanes of
-    one priority and tier rank equal: they take turns. Queues that are not zfarm's come last.
-
-    A worker's BRPOP names its queues in this order; the producer pushes a batch's queues in this
-    order too, because Redis hands a client blocked on several lists the list pushed first in a
-    transaction, not the one it named first."""
-    parsed = keys.parse_queue(queue)
-    if parsed is None or parsed[0] not in PRIORITIES:
-        return (len(PRIORITIES), 0)
-    priority, tier, _lane = parsed
-    size_rank = 0 if tier == keys.SHARED_TIER else -ceilings.get(tier, 1)
-    return (PRIORITIES.index(priority), size_rank)
-
-
-# A job's hard time limit comes from the slowest class's measured speed, scaled to the job's size
-# and steps, times a margin, plus a floor for VAE decode, upload and the first call's warm-up.
-TIME_LIMIT_FLOOR_S = 120.0
-# When nothing is measured yet, assume the common slow recipe (model CPU offload, ~18 s/img).
-UNMEASURED_S_PER_IMAGE = 20.0
-
-
-def work_units(pixels: int, steps: int) -> float:
-    """A job's work relative to the reference 1024x1024 8-step image (linear in pixels and steps)."""
-    return (pixels / REFERENCE_PIXELS) * (steps / REFERENCE_STEPS)
-
-
-def slowest_s_per_image(table: dict) -> float:
-    speeds = [row["s_per_image"] for row in class_table(table) if row.get("profile") and row.get("s_per_image")]
-    return max(speeds) if speeds else UNMEASURED_S_PER_IMAGE
-
-
-def job_time_limit_s(pixels: int, steps: int, table: dict, margin: float) -> float:
-    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image(table) * work_units(pixels, steps), 1)
-
-
-def visibility_timeout_s(table: dict, margin: float) -> float:
-    """Longer than the longest job any worker may run, so a healthy job is never delivered twice."""
-    from shared.schema import SIDE_MAX_PX, STEPS_MAX
-
-    return job_time_limit_s(SIDE_MAX_PX * SIDE_MAX_PX, STEPS_MAX, table, margin) + 60.0

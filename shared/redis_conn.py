@@ -20,6 +20,7 @@ import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from shared.errors import RedisUrlError
 from shared.settings import DEFAULT_REDIS_MASTER_NAME
 
 SENTINEL_SCHEME = "sentinel"
@@ -27,10 +28,6 @@ SENTINEL_DEFAULT_PORT = 26379
 # How long one sentinel may take to answer before the next is asked; they answer in milliseconds.
 SENTINEL_SOCKET_TIMEOUT_S = 2.0
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
-
-
-class RedisUrlError(ValueError):
-    """Raised when a Redis or Sentinel URL cannot be read (no host, a bad port or database)."""
 
 
 @dataclass(frozen=True)

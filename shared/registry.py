@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from shared import keys
+from shared import keys, lua
 
 # Moving-average weight of the newest render time in s_per_image.
 EMA_WEIGHT = 0.2
@@ -104,25 +104,11 @@ def live_workers(client: redis.Redis) -> list[dict]:
     return workers
 
 
-# KEYS: the workers set   ARGV: the prefix of a worker's registration key
-_LIVE_MAX_PIXELS = """
-local out = {}
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local px = redis.call('HGET', ARGV[1] .. name, 'max_pixels')
-  if px then
-    table.insert(out, name)
-    table.insert(out, px)
-  end
-end
-return out
-"""
-
-
 def queue_live_max_pixels(pipe) -> None:
     """Queue on `pipe` one EVAL that reads every live worker's max_pixels, so a batch status with
     its waiting-for-worker count stays one round trip. Plain EVAL, not EVALSHA: a pipeline with a
     registered script would first spend a round trip on SCRIPT EXISTS."""
-    pipe.eval(_LIVE_MAX_PIXELS, 1, keys.WORKERS, keys.worker(""))
+    pipe.eval(lua.source("live_max_pixels"), 1, keys.WORKERS, keys.worker(""))
 
 
 def parse_live_max_pixels(reply: list) -> dict[str, int]:

@@ -11,6 +11,8 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
+from shared.errors import JobError
+
 SCHEMA_VERSION = 1
 
 PROMPT_MAX_CHARS = 2000
@@ -29,13 +31,6 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class JobError(ValueError):
-    """Raised when a job or one of its fields is invalid. `field` names the field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
 
 
 def _int_field(raw: dict, name: str, lo: int, hi: int, default) -> int:

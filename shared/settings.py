@@ -9,6 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
+from shared.errors import SettingsError
+
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 DEFAULT_REDIS_MASTER_NAME = "zfarm"
 
@@ -26,8 +28,6 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-class SettingsError(ValueError):
-    """Raised when an environment variable holds a value of the wrong kind."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,15 @@ class Settings:
         "ZFARM_SIMULATE_S", -1.0,
         "Seconds per 1024x1024 8-step image for the simulated renderer; negative means real rendering.",
         float)
+    profile_table: str = _env_field(
+        "ZFARM_PROFILE_TABLE", "",
+        "Path of the measured profile table the chooser and the routing read; empty uses the table shipped "
+        "with zfarm (bench/results/profile_table.json at release).")
+    emulate_arch: str = _env_field(
+        "ZFARM_EMULATE_ARCH", "",
+        "Play another GPU architecture (sm_75, sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) on this card: "
+        "choose, compile and render as that card would (no fp8 matmul below sm_89, no bf16 below sm_80, Triton "
+        "code checked for that target). For verifying profiles without the card; its speeds are this card's.")
     device: str = _env_field(
         "ZFARM_DEVICE", "", "Force the torch device (cuda or cpu); empty picks cuda when present.")
     heartbeat_s: float = _env_field(

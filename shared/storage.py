@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from shared.errors import StorageError
 from shared.schema import check_id
 
 log = logging.getLogger(__name__)
 
 
-class StorageError(RuntimeError):
-    """Raised when a result cannot be stored or read."""
 
 
 def result_name(batch_id: str, index: int, ext: str) -> str:

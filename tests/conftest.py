@@ -29,7 +29,7 @@ def _isolated_env(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny random-weight ZImagePipeline (it renders noise), built once per session."""
-    from worker import tiny
+    from worker.engine import tiny
 
     folder = tmp_path_factory.mktemp("tiny-zimage")
     tiny.build_tiny(folder)

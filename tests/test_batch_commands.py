@@ -21,7 +21,7 @@ from producer import cli as cli_module
 from producer.api import Farm
 from producer.cli import main, profiles_report
 from producer.progress import Progress, format_duration
-from shared import keys, profiles, registry
+from shared import keys, registry
 from shared.ledger import Ledger
 from shared.schema import Job
 from shared.settings import Settings
@@ -245,7 +245,7 @@ TABLE = {"runs": [{"profile": "resident", "ok": True, "s_per_image": 3.0, "peak_
 def test_profiles_json_shows_every_class_and_the_cpu_choice_by_default(tmp_path, monkeypatch, capsys):
     path = tmp_path / "t.json"
     path.write_text(json.dumps(TABLE))
-    monkeypatch.setenv(profiles.TABLE_ENV, str(path))
+    monkeypatch.setenv("ZFARM_PROFILE_TABLE", str(path))
     assert main(["profiles", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["vram_class"] for r in report["classes"]] == [8, 12, 16, 24, 48, 80, "cpu"]
@@ -266,18 +266,19 @@ def test_profiles_below_the_smallest_class_is_a_usage_error(capsys):
 
 # Commands run by the worker side
 @pytest.mark.parametrize("argv, expected", [
-    (["worker", "--name", "a", "--simulate", "0.1"], ["-m", "worker", "--name", "a", "--simulate", "0.1"]),
-    (["worker", "--help"], ["-m", "worker", "--help"]),
-    (["tiny-model", "some/dir"], ["-m", "worker.tiny", "some/dir"]),
-    (["fetch-model", "--model", "x/y"], ["-m", "worker.fetch", "--model", "x/y"]),
+    (["worker", "--name", "a", "--simulate", "0.1"],
+     ["-m", "worker", "--redis-url", "redis://elsewhere:6379/1", "--name", "a", "--simulate", "0.1"]),
+    (["worker", "--help"], ["-m", "worker", "--redis-url", "redis://elsewhere:6379/1", "--help"]),
+    (["tiny-model", "some/dir"], ["-m", "worker.engine.tiny", "some/dir"]),
+    (["fetch-model", "--model", "x/y"], ["-m", "worker.engine.fetch", "--model", "x/y"]),
 ])
-def test_worker_side_commands_exec_python_with_the_global_options_in_the_environment(monkeypatch, argv, expected):
+def test_worker_side_commands_exec_python_with_the_global_options_as_flags(monkeypatch, argv, expected):
     execs = []
     monkeypatch.setattr(cli_module, "_exec", execs.append)
     monkeypatch.setenv("ZFARM_REDIS_URL", "placeholder")  # restored after the test
     assert main(["--redis-url", "redis://elsewhere:6379/1", *argv]) == 0
     assert execs == [[sys.executable, *expected]]
-    assert os.environ["ZFARM_REDIS_URL"] == "redis://elsewhere:6379/1"
+    assert os.environ["ZFARM_REDIS_URL"] == "placeholder"  # nothing passes through this process's environment
 
 
 def test_tiny_model_needs_exactly_one_folder(monkeypatch, capsys):

@@ -56,7 +56,7 @@ def test_a_run_label_names_profile_cap_overrides_and_batch(profile, cap, overrid
 
 
 def measured(profile, cap, s, spec_overrides=None, **extra):
-    from worker.offload import spec_for
+    from worker.engine.specs import spec_for
 
     spec = {k: v for k, v in vars(spec_for(profile, spec_overrides)).items() if k != "description"}
     return {"profile": profile, "cap_gib": cap, "ok": True, "s_per_image": s, "peak_reserved_gib": 15.0,

@@ -70,7 +70,7 @@ def test_a_loaded_pipelines_weights_are_views_into_its_mapped_checkpoint_files(t
     pages of the checkpoint, which the kernel can drop, not memory the process allocated."""
     import torch
 
-    from worker import pipeline
+    from worker.engine import pipeline
 
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
     regions = mapped_files()

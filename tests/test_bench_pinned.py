@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bench import pinned
-from worker import offload, tiny
+from shared.errors import ProfileError
+from worker.engine import placement, specs, tiny
 
 MIB = 2**20
 
@@ -38,23 +39,23 @@ def test_the_full_size_fp8_profile_pins_about_half_again_its_bytes_unless_large_
 
 
 def test_only_profiles_holding_pinned_copies_are_predicted():
-    assert pinned.keeps_pinned_copies(offload.spec_for("fp8mm_fast_stream_compiled"))
-    assert pinned.keeps_pinned_copies(offload.spec_for("te_stream"))
-    assert not pinned.keeps_pinned_copies(offload.spec_for("fp8mm_fast_stream_lowmem_compiled"))
-    assert not pinned.keeps_pinned_copies(offload.spec_for("fp8mm_fast_compiled"))
-    assert not pinned.keeps_pinned_copies(offload.spec_for("model_offload"))
+    assert pinned.keeps_pinned_copies(specs.spec_for("fp8mm_fast_stream_compiled"))
+    assert pinned.keeps_pinned_copies(specs.spec_for("te_stream"))
+    assert not pinned.keeps_pinned_copies(specs.spec_for("fp8mm_fast_stream_lowmem_compiled"))
+    assert not pinned.keeps_pinned_copies(specs.spec_for("fp8mm_fast_compiled"))
+    assert not pinned.keeps_pinned_copies(specs.spec_for("model_offload"))
 
 
 def test_pinned_exact_adds_torchs_pinned_rounding_threshold_to_the_allocator_settings_already_there():
     before = torch._C._accelerator_getAllocatorSettings()
     torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
     try:
-        offload.pin_at_exact_sizes()
-        offload.pin_at_exact_sizes()
+        placement.pin_at_exact_sizes()
+        placement.pin_at_exact_sizes()
         settings = torch._C._accelerator_getAllocatorSettings().split(",")
     finally:
         torch._C._accelerator_setAllocatorSettings(before)
-    assert settings == ["expandable_segments:True", f"pinned_max_round_threshold_mb:{offload.PINNED_ROUND_MAX_MB}"]
+    assert settings == ["expandable_segments:True", f"pinned_max_round_threshold_mb:{placement.PINNED_ROUND_MAX_MB}"]
 
 
 def test_a_torch_that_refuses_the_pinned_setting_fails_the_profile_with_its_version_named(monkeypatch):
@@ -62,11 +63,11 @@ def test_a_torch_that_refuses_the_pinned_setting_fails_the_profile_with_its_vers
         raise ValueError("Unrecognized key 'pinned_max_round_threshold_mb' in Accelerator allocator config.")
 
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse)
-    with pytest.raises(offload.ProfileError, match=rf"pinned_exact: torch {re.escape(torch.__version__)} .*Unrecognized key"):
-        offload.pin_at_exact_sizes()
+    with pytest.raises(ProfileError, match=rf"pinned_exact: torch {re.escape(torch.__version__)} .*Unrecognized key"):
+        placement.pin_at_exact_sizes()
 
 
 def test_pinned_exact_is_refused_for_a_profile_that_streams_nothing():
-    assert offload.spec_for("fp8mm_fast_stream_compiled", {"pinned_exact": True}).pinned_exact
+    assert specs.spec_for("fp8mm_fast_stream_compiled", {"pinned_exact": True}).pinned_exact
     with pytest.raises(ValueError, match="pinned_exact concerns streamed weights"):
-        offload.spec_for("fp8mm_fast_compiled", {"pinned_exact": True})
+        specs.spec_for("fp8mm_fast_compiled", {"pinned_exact": True})

@@ -10,7 +10,7 @@ from PIL import Image
 
 from farm import REPO
 from farm_fixtures import TEST_TABLE
-from worker import tiny
+from worker.engine import tiny
 
 
 def test_the_cold_start_benchmark_times_a_worker_that_takes_its_job_only_once_ready(tmp_path):

@@ -1,4 +1,4 @@
-"""Block compile modes (worker.compile_modes): the arguments each gives torch.compile, and the wider
+"""Block compile modes (worker.engine.compile_modes): the arguments each gives torch.compile, and the wider
 persistent reductions of the "persistent" mode, decided on inductor's own size arithmetic."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.sizevars import SizeVarAllocator
 from torch._inductor.virtualized import V
 
-from worker import compile_modes
+from worker.engine import compile_modes
 
 
 class Reduction:

@@ -271,6 +271,12 @@ def test_the_systemd_unit_runs_one_worker_per_gpu_and_restarts_with_backoff():
     assert unit_values("StartLimitIntervalSec") == ["0"]
 
 
+def test_the_systemd_unit_does_not_restart_a_worker_that_cannot_run_as_configured():
+    from worker.startup import EX_CONFIG
+
+    assert unit_values("RestartPreventExitStatus") == [str(EX_CONFIG)]
+
+
 def test_the_worker_env_example_names_only_real_settings():
     text = (DEPLOY / "worker.env.example").read_text()
     names = set(re.findall(r"^#?\s*(ZFARM_[A-Z0-9_]+)=", text, re.M))

@@ -1,4 +1,4 @@
-"""worker.diffusion.DiffusionRenderer on the CPU with the tiny random-weight pipeline: PNG size and
+"""worker.engine.diffusion.DiffusionRenderer on the CPU with the tiny random-weight pipeline: PNG size and
 parameters, seeds, facts, and the out-of-memory step-down raised at the pipeline call boundary."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from shared import profiles
+from shared.errors import OutOfMemory
 from shared.schema import JobSpec
 from shared.settings import Settings
-from worker.detect import BootInfo
-from worker.diffusion import DiffusionRenderer
-from worker.render import OutOfMemory
+from worker.engine.detect import BootInfo
+from worker.engine.diffusion import DiffusionRenderer
 
 # A class-16 table: the fast profile needs more VRAM than the slower one below it.
 TABLE = {"schema": 1, "profiles": {}, "measured": {}, "runs": [

@@ -65,6 +65,8 @@ def _run_backbone(tmp_path, env, start_worker, storage_url, s3=None):
             assert "Seed: %d" % (1000 + i) in image.text["parameters"]
         assert sidecar["prompt"] == f"a tiny test image number {i}" and sidecar["seed"] == 1000 + i
         assert sidecar["worker"] == worker.registration["name"] and sidecar["simulated"] is False
+        # The worker's own versions beside the renderer's: neither overwrites the other.
+        assert {"celery", "kombu", "redis", "torch", "diffusers", "transformers", "cuda"} <= set(sidecar["versions"])
     sheet = (out / "index.html").read_text()
     assert sheet.count("<img") == 10 and "a tiny test image number 7" in sheet
     return batch_id

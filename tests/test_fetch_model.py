@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from worker import fetch
+from worker.engine import fetch
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -122,7 +122,7 @@ def test_a_folder_without_a_transformer_is_refused_clearly(tmp_path, capsys):
 def test_an_unreachable_model_gives_a_clear_error_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "worker.fetch", "--model", "zfarm-test/no-such-model",
+        [sys.executable, "-m", "worker.engine.fetch", "--model", "zfarm-test/no-such-model",
          "--cache-dir", str(tmp_path / "cache")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2

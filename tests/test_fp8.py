@@ -1,11 +1,12 @@
-"""Native fp8 layers (worker.fp8) and the profiles built on them, on the CPU: scales, both compute
+"""Native fp8 layers (worker.engine.fp8) and the profiles built on them, on the CPU: scales, both compute
 paths, which layers are converted, and a converted tiny pipeline still rendering."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker import fp8, offload, pipeline
+from shared.errors import ProfileError
+from worker.engine import fp8, pipeline, placement, specs
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -76,19 +77,19 @@ def test_a_pipeline_with_both_models_converted_still_renders_the_requested_size(
     ("group_stream", False), ("group_stream_fp8", True), ("sequential", False), ("fp8mm_fast_compiled", True),
     ("fp8mm_stream", True)])
 def test_a_profile_is_lossy_when_it_stores_or_multiplies_in_fp8(name, expected):
-    assert offload.is_lossy(offload.spec_for(name)) is expected
+    assert specs.is_lossy(specs.spec_for(name)) is expected
 
 
 def test_the_native_fp8_profiles_load_their_fp8_models_on_the_host_and_convert_on_the_gpu():
     # Only components kept in the load dtype are streamed straight onto the GPU.
-    assert offload.gpu_components("fp8mm_compiled") == ("text_encoder", "vae")
-    assert offload.gpu_components("fp8mm_both_compiled") == ("vae",)
-    with pytest.raises(offload.ProfileError, match="needs a CUDA GPU"):
-        offload.apply_profile(object(), "fp8mm_compiled", "cpu")
+    assert specs.gpu_components("fp8mm_compiled") == ("text_encoder", "vae")
+    assert specs.gpu_components("fp8mm_both_compiled") == ("vae",)
+    with pytest.raises(ProfileError, match="needs a CUDA GPU"):
+        placement.apply_profile(object(), "fp8mm_compiled", "cpu")
 
 
 def test_fast_accumulation_is_carried_into_every_converted_layer_and_its_fused_forms(tiny_dir):
-    from worker import fuse
+    from worker.engine import fuse
 
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
     fp8.convert(pipe.transformer, torch.float32, fp8_matmul=False, fast_accum=True)

@@ -1,4 +1,4 @@
-"""The feed-forward gate kernel (worker.fp8_kernels): its op's arithmetic on the CPU, the Triton kernel
+"""The feed-forward gate kernel (worker.engine.kernels.silu_gate): its op's arithmetic on the CPU, the Triton kernel
 itself in Triton's interpreter, how the fused feed-forward uses it, and the profile rules around it."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from bench import kernel_code
 from tests.triton_interpreter import run_interpreted
-from worker import fp8, fp8_kernels, fuse, offload
+from worker.engine import fp8, fuse, specs
+from worker.engine.kernels import silu_gate
 
 
 def gate_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -21,7 +22,7 @@ def gate_values(rows: int, width: int, seed: int = 0) -> torch.Tensor:
 
 def test_the_gate_op_on_the_cpu_is_silu_times_value_in_float32_scaled_row_by_row():
     gate_value = gate_values(9, 48)
-    rows_fp8, scales = fp8_kernels.silu_gate_fp8(gate_value)
+    rows_fp8, scales = silu_gate.silu_gate_fp8(gate_value)
     gate, value = gate_value.float().chunk(2, dim=-1)
     expected_fp8, expected_scales = fp8.quantize_rows(F.silu(gate) * value)
     assert rows_fp8.dtype == fp8.FP8_DTYPE and rows_fp8.shape == (9, 48) and scales.shape == (9, 1)
@@ -35,14 +36,14 @@ def test_the_gate_op_on_the_cpu_is_silu_times_value_in_float32_scaled_row_by_row
 
 def test_the_gate_op_refuses_rows_that_do_not_split_into_gate_and_value():
     with pytest.raises(ValueError, match=r"\(rows, 2 \* width\), got \(4, 7\)"):
-        fp8_kernels.silu_gate_fp8(torch.zeros(4, 7))
+        silu_gate.silu_gate_fp8(torch.zeros(4, 7))
 
 
 def test_the_gate_op_traces_into_one_graph_with_the_shapes_of_its_outputs():
     gate_value = gate_values(5, 32)
-    compiled = torch.compile(fp8_kernels.silu_gate_fp8, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(silu_gate.silu_gate_fp8, fullgraph=True, backend="aot_eager")
     rows_fp8, scales = compiled(gate_value)
-    expected_fp8, expected_scales = fp8_kernels.reference(gate_value)
+    expected_fp8, expected_scales = silu_gate.reference(gate_value)
     assert torch.equal(rows_fp8.view(torch.uint8), expected_fp8.view(torch.uint8))
     assert torch.equal(scales, expected_scales)
 
@@ -65,7 +66,7 @@ def test_a_feed_forward_with_the_gate_kernel_matches_the_plain_one_within_fp8_ro
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() < 0.03
     # Exactly the op's rows fed to w2's fp8 matmul:
     gate_value = with_kernel.w13(x).reshape(-1, 192)
-    assert torch.equal(out.reshape(-1, 64), with_kernel.w2.matmul_fp8(*fp8_kernels.reference(gate_value)))
+    assert torch.equal(out.reshape(-1, 64), with_kernel.w2.matmul_fp8(*silu_gate.reference(gate_value)))
 
 
 def test_the_gate_kernel_stays_off_where_w2_does_not_run_an_fp8_matmul():
@@ -77,10 +78,10 @@ def test_the_gate_kernel_stays_off_where_w2_does_not_run_an_fp8_matmul():
 
 def test_a_profile_asking_for_the_gate_kernel_without_fused_native_fp8_is_refused():
     with pytest.raises(ValueError, match="gate_kernel .* needs transformer fp8mm\\* and fuse_projections"):
-        offload.spec_for("fp8mm_compiled", {"gate_kernel": True})
+        specs.spec_for("fp8mm_compiled", {"gate_kernel": True})
     with pytest.raises(ValueError, match="gate_kernel"):
-        offload.spec_for("resident_compiled", {"gate_kernel": True, "fuse_projections": True})
-    assert offload.spec_for("fp8mm_fast_gate_compiled").gate_kernel
+        specs.spec_for("resident_compiled", {"gate_kernel": True, "fuse_projections": True})
+    assert specs.spec_for("fp8mm_fast_gate_compiled").gate_kernel
 
 
 def test_the_triton_kernel_in_triton_s_interpreter_scales_each_row_as_the_reference_does():
@@ -89,13 +90,14 @@ def test_the_triton_kernel_in_triton_s_interpreter_scales_each_row_as_the_refere
     # unrounded here; the GPU's rounding is compared in bench.kernels (fp8_equal).
     script = textwrap.dedent("""
         import json, torch, torch.nn.functional as F
-        from worker import fp8, fp8_kernels
+        from worker.engine import fp8
+        from worker.engine.kernels import silu_gate
         torch.manual_seed(0)
         out = {}
         for rows, width in ((7, 80), (3, 128), (2, 10)):  # row widths below, at and far below the block
             gate_value = (torch.randn(rows, 2 * width) * 3).to(torch.bfloat16)
             gate_value[-1] = 0  # a row of zeros keeps the smallest scale and scales to zeros
-            scaled, scales = fp8_kernels.run_kernel(gate_value, out_dtype=torch.float32)
+            scaled, scales = silu_gate.run_kernel(gate_value, out_dtype=torch.float32)
             gate, value = gate_value.float().chunk(2, dim=-1)
             gated = F.silu(gate) * value
             expected_scales = (gated.abs().amax(1, keepdim=True) / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
@@ -118,7 +120,7 @@ def test_the_triton_kernel_in_triton_s_interpreter_scales_each_row_as_the_refere
         assert got["row_max"] == pytest.approx(fp8.FP8_MAX, rel=1e-6)
 
 
-@pytest.mark.parametrize("num_warps", [fp8_kernels.NUM_WARPS, 32])
+@pytest.mark.parametrize("num_warps", [silu_gate.NUM_WARPS, 32])
 def test_the_gate_kernel_compiles_for_an_h100_reading_its_rows_in_16_byte_loads(num_warps):
     # The DiT's rows (10240 gates and values) at the default warps and at the most gate_warps may ask for.
     loads = {kind for kind in kernel_code.global_accesses(kernel_code.compile_for_h100("gate", num_warps)["ptx"])
@@ -127,13 +129,13 @@ def test_the_gate_kernel_compiles_for_an_h100_reading_its_rows_in_16_byte_loads(
 
 
 def test_a_feed_forward_compiled_in_the_persistent_mode_runs_the_gate_op_inside_its_one_graph():
-    from worker import compile_modes
+    from worker.engine import compile_modes
 
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     feed_forward = _fp8_feed_forward(True)
     eager = feed_forward(x)
     calls = []
-    original = fp8_kernels.reference
+    original = silu_gate.reference
 
     def counted(gate_value):
         calls.append(tuple(gate_value.shape))
@@ -142,10 +144,10 @@ def test_a_feed_forward_compiled_in_the_persistent_mode_runs_the_gate_op_inside_
     # fullgraph: a graph break around the op would raise instead of splitting the block
     compiled = torch.compile(feed_forward, fullgraph=True, **compile_modes.block_compile_args("persistent"))
     try:
-        fp8_kernels.reference = counted
+        silu_gate.reference = counted
         out = compiled(x)
     finally:
-        fp8_kernels.reference = original
+        silu_gate.reference = original
         torch._dynamo.reset()
     assert calls == [(15, 192)]  # the op ran once, on the fused w1/w3 output's rows
     assert ((out.float() - eager.float()).norm() / eager.float().norm()).item() < 0.01

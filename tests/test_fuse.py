@@ -1,11 +1,11 @@
-"""Fused DiT projections (worker.fuse), on the CPU: the fused model computes what the unfused one did,
+"""Fused DiT projections (worker.engine.fuse), on the CPU: the fused model computes what the unfused one did,
 in full precision and with native fp8 layers, and only Z-Image's block projections change."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker import fp8, fuse, offload, pipeline
+from worker.engine import fp8, fuse, pipeline, specs
 
 
 def dit_output(transformer, seed: int = 0) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_linear_layers_of_different_kinds_are_refused_rather_than_fused():
 
 def test_a_fused_profile_with_layerwise_fp8_casting_is_refused_when_defined():
     with pytest.raises(ValueError, match="fuse_projections"):
-        offload.spec_for("group_stream_fp8", {"fuse_projections": True})
+        specs.spec_for("group_stream_fp8", {"fuse_projections": True})
 
 
 def tiny_image(pipe) -> torch.Tensor:
@@ -103,7 +103,7 @@ def test_compiled_real_rope_leaves_no_complex_arithmetic_to_eager_kernels():
 
 def test_real_rope_is_refused_without_the_fused_processor_that_applies_it():
     with pytest.raises(ValueError, match="real_rope"):
-        offload.spec_for("fp8mm_compiled", {"real_rope": True})
+        specs.spec_for("fp8mm_compiled", {"real_rope": True})
 
 
 def test_a_fused_tiny_pipeline_with_real_rope_draws_the_image_of_the_complex_rotation(tiny_dir):

@@ -37,7 +37,7 @@ def test_a_worker_whose_entry_expired_is_unhealthy(redis_server, tmp_path):
 
 def test_the_name_the_worker_wrote_at_boot_comes_first(redis_server, tmp_path):
     name_file = tmp_path / "zfarm-worker-name"
-    name_file.write_text("zimage-24g@box")  # what worker.boot writes
+    name_file.write_text("zimage-24g@box")  # what worker.startup writes
     registry.register(connect(redis_server), {"name": "zimage-24g@box"}, ttl_s=30)
     assert health.check(settings(redis_server), name_file) == (True, "zimage-24g@box: registered")
     assert health.check(settings(redis_server, "other"), name_file) == (True, "zimage-24g@box: registered")

@@ -9,10 +9,9 @@ import json
 
 from farm import wait_for
 from farm_fixtures import TEST_TABLE
-from shared import keys, profiles
+from shared import keys, profiles, routing
 from shared.ledger import Ledger
 from shared.settings import Settings
-from worker.boot import all_job_queues
 from worker.sweeper import jobs_without_message, message_deficit, requeue_lost_jobs
 from worker.transport import named_job
 
@@ -21,7 +20,7 @@ CONFIRM_S = 0.5
 
 def job_queues() -> list[str]:
     """Every queue the producer of `farm_factory` can fill (its lanes are the default)."""
-    return all_job_queues(profiles.load_table(TEST_TABLE), Settings.from_env({}).lanes)
+    return routing.all_job_queues(profiles.load_table(TEST_TABLE), Settings.from_env({}).lanes)
 
 
 def time_limit_for(job) -> float:
@@ -105,8 +104,8 @@ def test_jobs_queued_in_a_tier_no_worker_here_consumes_make_no_deficit(
         redis_client, farm_factory, file_storage_url):
     batch, queue = submit(redis_client, farm_factory, file_storage_url, 2)
     redis_client.rpop(queue)
-    _, tier, _ = keys.parse_queue(queue)
-    other_tiers = [q for q in job_queues() if keys.parse_queue(q)[1] != tier]
+    _, tier, _ = routing.parse_queue(queue)
+    other_tiers = [q for q in job_queues() if routing.parse_queue(q)[1] != tier]
 
     assert message_deficit(redis_client, job_queues()) == 1
     assert message_deficit(redis_client, other_tiers) == 0

@@ -26,7 +26,7 @@ import redis
 
 from farm import REPO, RedisServer, S3Server, WorkerProcess, base_env, s3_env, wait_for
 from farm_fixtures import TEST_TABLE
-from shared import keys, profiles, registry, wire
+from shared import keys, profiles, registry, routing, wire
 from shared.ledger import MAX_ATTEMPTS, Ledger
 
 FAST_S = 0.05       # simulated seconds per 1024x1024 8-step image: a quick job
@@ -344,8 +344,8 @@ def test_every_message_a_producer_queues_carries_a_hard_time_limit_within_the_vi
               for queue in redis_client.keys("zfarm.*") for raw in redis_client.lrange(queue, 0, -1)]
     assert len(limits) == 2
     for hard_s, soft_s in limits:
-        assert 0 < soft_s < hard_s <= profiles.job_time_limit_s(2048 * 2048, 50, table, farm.settings.job_margin)
-        assert hard_s < profiles.visibility_timeout_s(table, farm.settings.job_margin)
+        assert 0 < soft_s < hard_s <= routing.job_time_limit_s(2048 * 2048, 50, table, farm.settings.job_margin)
+        assert hard_s < routing.visibility_timeout_s(table, farm.settings.job_margin)
 
 
 @pytest.mark.parametrize("table_path", [TEST_TABLE, None, "empty"])
@@ -355,12 +355,12 @@ def test_the_visibility_timeout_exceeds_the_time_limit_of_a_2048px_50_step_job_o
     if table_path == "empty":
         table_path = tmp_path / "none.json"  # nothing measured: the unmeasured default speed
     table = profiles.load_table(table_path)
-    longest_s = profiles.job_time_limit_s(2048 * 2048, 50, table, margin)
-    assert longest_s >= margin * profiles.slowest_s_per_image(table) * profiles.work_units(2048 * 2048, 50)
-    assert profiles.visibility_timeout_s(table, margin) > longest_s
+    longest_s = routing.job_time_limit_s(2048 * 2048, 50, table, margin)
+    assert longest_s >= margin * routing.slowest_s_per_image(table) * routing.work_units(2048 * 2048, 50)
+    assert routing.visibility_timeout_s(table, margin) > longest_s
     # Every job a producer can queue has a limit no longer than that one.
     for side_px, steps in ((256, 1), (1024, 8), (2048, 8), (1024, 50)):
-        assert profiles.job_time_limit_s(side_px * side_px, steps, table, margin) <= longest_s
+        assert routing.job_time_limit_s(side_px * side_px, steps, table, margin) <= longest_s
 
 
 def test_the_worker_app_derives_its_visibility_timeout_and_default_time_limit_from_the_profile_table():
@@ -370,8 +370,8 @@ def test_the_worker_app_derives_its_visibility_timeout_and_default_time_limit_fr
     visibility_s, time_limit_s = json.loads(subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout)
     table = profiles.load_table(TEST_TABLE)
-    assert time_limit_s == profiles.job_time_limit_s(2048 * 2048, 50, table, 3.0)
-    assert visibility_s == profiles.visibility_timeout_s(table, 3.0) > time_limit_s
+    assert time_limit_s == routing.job_time_limit_s(2048 * 2048, 50, table, 3.0)
+    assert visibility_s == routing.visibility_timeout_s(table, 3.0) > time_limit_s
 
 
 # Redis restart

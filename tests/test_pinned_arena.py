@@ -1,4 +1,4 @@
-"""Streamed weights page-locked in place (worker.pinned_arena), on the CPU: the packing into one
+"""Streamed weights page-locked in place (worker.engine.pinned_arena), on the CPU: the packing into one
 page-aligned buffer, what it keeps of each tensor, and when the buffer is registered and released.
 CUDA's registration itself needs a GPU: here it is a recorder, and bench/ runs the real one."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import mmap
 import pytest
 import torch
 
-from worker import offload, pinned_arena
+from worker.engine import pinned_arena, specs
 
 
 def module_with_shared_storage() -> torch.nn.Module:
@@ -75,10 +75,10 @@ def test_a_module_with_nothing_on_the_host_registers_nothing():
 
 
 def test_the_pinned_arena_field_needs_weights_streamed_from_pinned_copies():
-    assert offload.spec_for("fp8mm_fast_stream_pinned_compiled").pinned_arena
+    assert specs.spec_for("fp8mm_fast_stream_pinned_compiled").pinned_arena
     with pytest.raises(ValueError, match="pinned_arena concerns weights streamed from pinned copies"):
-        offload.spec_for("fp8mm_fast_compiled", {"pinned_arena": True})
+        specs.spec_for("fp8mm_fast_compiled", {"pinned_arena": True})
     with pytest.raises(ValueError, match="pinned_arena concerns"):
-        offload.spec_for("fp8mm_fast_stream_lowmem_compiled", {"pinned_arena": True})
+        specs.spec_for("fp8mm_fast_stream_lowmem_compiled", {"pinned_arena": True})
     with pytest.raises(ValueError, match="choose one"):
-        offload.spec_for("fp8mm_fast_stream_pinned_compiled", {"pinned_exact": True})
+        specs.spec_for("fp8mm_fast_stream_pinned_compiled", {"pinned_exact": True})

@@ -1,11 +1,12 @@
-"""Loading the Z-Image pipeline (worker.pipeline) and the profile catalogue, on the CPU, with the tiny
+"""Loading the Z-Image pipeline (worker.engine.pipeline) and the profile catalogue, on the CPU, with the tiny
 random-weight pipeline of the real classes built once per session."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker import model_source, offload, pipeline, tiny
+from shared.errors import ProfileError
+from worker.engine import model_source, pipeline, placement, specs, tiny
 
 
 @pytest.fixture(scope="session")
@@ -102,26 +103,26 @@ def test_weights_load_in_float32_on_the_cpu_and_never_in_fp16():
 def test_every_profile_has_a_one_line_description_and_a_valid_spec():
     assert {"resident", "resident_compiled", "te_stream", "te_stream_fp8", "te_fp8_resident",
             "te_fp8_resident_compiled", "fp8_both_resident", "group_stream", "group_stream_lowmem",
-            "te_stream_lowmem", "model_offload", "sequential", "cpu"} <= set(offload.PROFILES)
-    for name, description in offload.PROFILES.items():
+            "te_stream_lowmem", "model_offload", "sequential", "cpu"} <= set(specs.PROFILES)
+    for name, description in specs.PROFILES.items():
         assert description and "\n" not in description, name
-        assert offload.spec_for(name).description == description
+        assert specs.spec_for(name).description == description
 
 
 def test_an_unknown_profile_is_refused_by_name():
-    with pytest.raises(offload.ProfileError, match="unknown profile 'turbo'"):
-        offload.spec_for("turbo")
+    with pytest.raises(ProfileError, match="unknown profile 'turbo'"):
+        specs.spec_for("turbo")
 
 
 def test_a_gpu_profile_is_refused_on_a_cpu_and_the_cpu_profile_applies(tiny_dir):
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
-    with pytest.raises(offload.ProfileError, match="needs a CUDA GPU"):
-        offload.apply_profile(pipe, "te_stream", "cpu")
-    assert offload.apply_profile(pipe, "cpu", "cpu").recipe == "cpu"
+    with pytest.raises(ProfileError, match="needs a CUDA GPU"):
+        placement.apply_profile(pipe, "te_stream", "cpu")
+    assert placement.apply_profile(pipe, "cpu", "cpu").recipe == "cpu"
 
 
 def test_only_components_kept_resident_in_bf16_load_straight_onto_the_gpu():
-    assert offload.gpu_components("resident") == ("transformer", "text_encoder", "vae")
-    assert offload.gpu_components("te_fp8_stream_compiled") == ("transformer", "vae")
-    assert offload.gpu_components("group_stream_fp8") == ("vae",)
-    assert offload.gpu_components("model_offload") == ()
+    assert specs.gpu_components("resident") == ("transformer", "text_encoder", "vae")
+    assert specs.gpu_components("te_fp8_stream_compiled") == ("transformer", "vae")
+    assert specs.gpu_components("group_stream_fp8") == ("vae",)
+    assert specs.gpu_components("model_offload") == ()

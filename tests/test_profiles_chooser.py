@@ -2,12 +2,11 @@
 nothing unmeasured, and the step-down order for an out-of-memory retry."""
 from __future__ import annotations
 
-
 import pytest
 
 from shared import profiles
-from worker import detect
 from shared.settings import Settings
+from worker.engine import detect
 
 
 def run(profile, cap, s, peak, rss, max_px=1024 * 1024, ok=True):

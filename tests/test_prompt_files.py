@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from producer.files import MAX_ERRORS, PromptFileError, parse_prompt_file
 from producer.cli import main
+from producer.files import MAX_ERRORS, PromptFileError, parse_prompt_file
 
 
 def write(tmp_path, name: str, text: str) -> str:

@@ -1,4 +1,4 @@
-"""The q/k norm + rotary kernel (worker.qk_kernel): its op's arithmetic on the CPU against diffusers'
+"""The q/k norm + rotary kernel (worker.engine.kernels.qk_norm_rope): its op's arithmetic on the CPU against diffusers'
 own norm and rotation, the Triton kernel in Triton's interpreter, the fused processor that calls it,
 and the profile rules around it."""
 from __future__ import annotations
@@ -12,7 +12,8 @@ from diffusers.models.normalization import RMSNorm
 from bench import kernel_code
 from tests.test_fuse import tiny_image
 from tests.triton_interpreter import run_interpreted
-from worker import fuse, offload, pipeline, qk_kernel, rope
+from worker.engine import fuse, pipeline, rope, specs
+from worker.engine.kernels import qk_norm_rope
 
 
 def qk_inputs(batch=2, tokens=9, heads=3, head_dim=16, dtype=torch.bfloat16, seed=0):
@@ -30,7 +31,7 @@ def qk_inputs(batch=2, tokens=9, heads=3, head_dim=16, dtype=torch.bfloat16, see
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_qk_op_on_the_cpu_is_diffusers_norm_and_rotation_of_each_head_exactly(dtype):
     qkv, q_norm, k_norm, freqs_cis = qk_inputs(dtype=dtype)
-    out = qk_kernel.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, torch.view_as_real(freqs_cis), 3, 1e-5)
+    out = qk_norm_rope.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, torch.view_as_real(freqs_cis), 3, 1e-5)
     query, key, _ = (part.unflatten(-1, (3, -1)) for part in qkv.chunk(3, dim=-1))
     with torch.no_grad():
         expected = [rope.apply_rotary_emb(q_norm(query), freqs_cis), rope.apply_rotary_emb(k_norm(key), freqs_cis)]
@@ -42,19 +43,19 @@ def test_the_qk_op_refuses_inputs_that_do_not_split_into_heads_or_rotations_of_t
     qkv, q_norm, k_norm, freqs_cis = qk_inputs()
     real = torch.view_as_real(freqs_cis)
     with pytest.raises(ValueError, match=r"3 \* heads \* head_dim\) with 5 heads, got \(2, 9, 144\)"):
-        qk_kernel.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, real, 5, 1e-5)
+        qk_norm_rope.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, real, 5, 1e-5)
     with pytest.raises(ValueError, match=r"rope as \(batch, tokens, 8, 2\), got \(2, 9, 4, 2\)"):
-        qk_kernel.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, real[:, :, :4], 3, 1e-5)
+        qk_norm_rope.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, real[:, :, :4], 3, 1e-5)
 
 
 @pytest.mark.parametrize("op", ["qk_norm_rope", "qk_norm_rope_inline"])
 def test_each_qk_op_traces_into_one_graph_with_the_shape_and_dtype_of_its_output(op):
     qkv, q_norm, k_norm, freqs_cis = qk_inputs()
     args = (qkv, q_norm.weight.detach(), k_norm.weight.detach(), torch.view_as_real(freqs_cis), 3, 1e-5)
-    compiled = torch.compile(getattr(qk_kernel, op), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(getattr(qk_norm_rope, op), fullgraph=True, backend="aot_eager")
     out = compiled(*args)
     torch._dynamo.reset()
-    assert torch.equal(out, qk_kernel.reference(*args))
+    assert torch.equal(out, qk_norm_rope.reference(*args))
 
 
 def test_the_triton_kernel_in_triton_s_interpreter_normalises_and_rotates_each_head_as_the_reference_does():
@@ -64,7 +65,7 @@ def test_the_triton_kernel_in_triton_s_interpreter_normalises_and_rotates_each_h
     # compares the GPU's results value for value).
     script = textwrap.dedent("""
         import json, torch
-        from worker import qk_kernel
+        from worker.engine.kernels import qk_norm_rope
         torch.manual_seed(0)
         out = {}
         for batch, tokens, heads, head_dim in ((2, 5, 3, 16), (1, 4, 5, 8)):  # heads below and at a power of two
@@ -73,9 +74,9 @@ def test_the_triton_kernel_in_triton_s_interpreter_normalises_and_rotates_each_h
             angles = torch.rand(batch, tokens, head_dim // 2) * 50
             rope = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
             args = (qkv, weights[0], weights[1], rope, heads, 1e-5)
-            got = qk_kernel.run_kernel(*args, out_dtype=torch.float32)
-            expected = qk_kernel.reference(*args).float()
-            swapped = qk_kernel.reference(qkv, weights[1], weights[0], rope, heads, 1e-5).float()
+            got = qk_norm_rope.run_kernel(*args, out_dtype=torch.float32)
+            expected = qk_norm_rope.reference(*args).float()
+            swapped = qk_norm_rope.reference(qkv, weights[1], weights[0], rope, heads, 1e-5).float()
             out[f"{heads}x{head_dim}"] = {
                 "shape": list(got.shape),
                 "max_err": ((got - expected).abs().max() / expected.abs().max()).item(),
@@ -122,12 +123,12 @@ def test_the_qk_kernel_is_left_off_an_attention_whose_norms_it_does_not_compute(
 
 def test_profiles_asking_for_the_qk_kernel_or_triton_ops_without_what_they_change_are_refused():
     with pytest.raises(ValueError, match="qk_kernel .* needs fuse_projections"):
-        offload.spec_for("fp8mm_compiled", {"qk_kernel": True})
+        specs.spec_for("fp8mm_compiled", {"qk_kernel": True})
     with pytest.raises(ValueError, match="triton_ops .* needs gate_kernel or qk_kernel"):
-        offload.spec_for("fp8mm_fast_compiled", {"triton_ops": True})
+        specs.spec_for("fp8mm_fast_compiled", {"triton_ops": True})
     with pytest.raises(ValueError, match="gate_warps is the gate kernel's"):
-        offload.spec_for("fp8mm_fast_compiled", {"gate_warps": 32})
+        specs.spec_for("fp8mm_fast_compiled", {"gate_warps": 32})
     with pytest.raises(ValueError, match="gate_warps must be 0 or a power of two"):
-        offload.spec_for("fp8mm_fast_gate_compiled", {"gate_warps": 12})
-    spec = offload.spec_for("fp8mm_fast_gate_compiled", {"qk_kernel": True, "triton_ops": True, "gate_warps": 32})
+        specs.spec_for("fp8mm_fast_gate_compiled", {"gate_warps": 12})
+    spec = specs.spec_for("fp8mm_fast_gate_compiled", {"qk_kernel": True, "triton_ops": True, "gate_warps": 32})
     assert spec.qk_kernel and spec.triton_ops and spec.gate_warps == 32

@@ -1,4 +1,4 @@
-"""Cold start and speed of worker.diffusion.DiffusionRenderer, on the CPU with the tiny random-weight
+"""Cold start and speed of worker.engine.diffusion.DiffusionRenderer, on the CPU with the tiny random-weight
 pipeline: the prompt-embedding cache, the warm-up call inside load(), and the compile cache folders."""
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from PIL import Image
 from shared import profiles
 from shared.schema import JobSpec
 from shared.settings import Settings
-from worker import boot
-from worker.detect import BootInfo
-from worker.diffusion import WARMUP_PX, DiffusionRenderer, use_compile_cache
+from worker import config, loading, registration
+from worker.engine.detect import BootInfo
+from worker.engine.diffusion import WARMUP_PX, DiffusionRenderer, use_compile_cache
+from worker.state import STATE
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
@@ -200,17 +201,14 @@ def test_a_failing_warm_up_fails_the_load(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_the_worker_reports_ready_only_after_load_and_warm_up_returned(monkeypatch):
-    """boot._load_renderer flips the state the readiness gate reads (0 loading, 1 ready) only once
+    """worker.loading flips the state the readiness gate reads (loading, then ready) only once
     renderer.load() has returned; until then the registry entry says `loading`."""
-    from worker import render
-    from worker.app import settings
-
     seen = {}
 
     class Renderer:
         def load(self):
-            seen["state during load"] = boot._LOAD_STATE.value
-            seen["registry state during load"] = boot.registration(settings)["state"]
+            seen["state during load"] = loading.LOAD_STATE.value
+            seen["registry state during load"] = registration.registration(config.settings())["state"]
 
         def describe(self):
             return {}
@@ -218,18 +216,18 @@ def test_the_worker_reports_ready_only_after_load_and_warm_up_returned(monkeypat
     info = BootInfo(host="test", device="cpu", gpu="cpu", vram_gib=0.0, vram_class="cpu", cap_gib=None,
                     compute_capability="", host_ram_gib=32.0,
                     choice=profiles.Choice("cpu", "cpu", None, None, None, profiles.REFERENCE_PIXELS, None))
-    monkeypatch.setattr(render, "make_renderer", lambda *_: Renderer())
-    monkeypatch.setattr(boot.STATE, "boot", info)
-    monkeypatch.setattr(boot.STATE, "ready", False)
-    state_before = boot._LOAD_STATE.value
+    monkeypatch.setattr(loading, "make_renderer", lambda *_: Renderer())
+    monkeypatch.setattr(STATE, "boot", info)
+    monkeypatch.setattr(STATE, "ready", False)
+    state_before = loading.LOAD_STATE.value
     try:
-        boot._load_renderer()
-        assert seen == {"state during load": 0, "registry state during load": "loading"}
-        assert boot._LOAD_STATE.value == 1
+        loading._load_renderer()
+        assert seen == {"state during load": loading.LOADING, "registry state during load": "loading"}
+        assert loading.LOAD_STATE.value == loading.READY
     finally:
-        boot._LOAD_STATE.value = state_before
-        boot._renderer = None
-        boot._renderer_ready.clear()
+        loading.LOAD_STATE.value = state_before
+        loading._renderer = None
+        loading._renderer_ready.clear()
 
 
 # Compile cache
@@ -239,9 +237,9 @@ def test_a_fresh_worker_process_puts_the_inductor_and_triton_caches_in_the_confi
     code = ("import json, os, sys\n"
             "from shared import profiles\n"
             "from shared.settings import Settings\n"
-            "from worker import app, boot\n"
-            "from worker.detect import BootInfo\n"
-            "from worker.diffusion import DiffusionRenderer\n"
+            "from worker import app\n"
+            "from worker.engine.detect import BootInfo\n"
+            "from worker.engine.diffusion import DiffusionRenderer\n"
             "torch_before_load = 'torch' in sys.modules\n"
             "choice = profiles.Choice('cpu', 'cpu', None, None, None, profiles.REFERENCE_PIXELS, None)\n"
             "info = BootInfo(host='t', device='cpu', gpu='cpu', vram_gib=0.0, vram_class='cpu', cap_gib=None,\n"

@@ -15,7 +15,7 @@ import redis
 
 from farm import REPO, S3Server, wait_for
 from farm_fixtures import TEST_TABLE
-from shared import keys, wire
+from shared import keys, routing, wire
 from shared.schema import Job, JobError, check_id
 from shared.storage import FileStorage, S3Storage, StorageError, result_name
 
@@ -67,7 +67,7 @@ def test_a_pickled_message_pushed_into_a_queue_is_rejected_and_never_unpickled(
 
     marker = tmp_path / "executed"
     payload = base64.b64encode(pickle.dumps(([], {"job": _CreatesFile(marker)}, {}))).decode()
-    queue = keys.queue("normal", "any", 0)
+    queue = routing.queue("normal", "any", 0)
     declared_pickle = json.loads(wire.render_message({}, "pickle-declared", queue, 60))
     declared_pickle.update({"content-type": "application/x-python-serialize", "content-encoding": "binary",
                             "body": payload})

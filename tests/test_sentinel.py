@@ -24,8 +24,8 @@ from farm import REPO, S3Server, SentinelGroup, WorkerProcess, base_env, free_po
 from farm_fixtures import TEST_TABLE
 from shared import keys, profiles, registry
 from shared.ledger import Ledger
-from shared.redis_conn import (RedisUrlError, broker_url, connect, parse_sentinel_url, redact,
-                               sentinel_transport_options)
+from shared.errors import RedisUrlError
+from shared.redis_conn import broker_url, connect, parse_sentinel_url, redact, sentinel_transport_options
 
 WORKERS = 4
 SIMULATE_S = 0.4          # a 512x512 8-step job renders in 0.1 s

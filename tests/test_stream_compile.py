@@ -1,4 +1,4 @@
-"""Compiled blocks under streaming (worker.offload.compile_blocks_under_hooks), on the CPU with the tiny
+"""Compiled blocks under streaming (worker.engine.placement.compile_blocks_under_hooks), on the CPU with the tiny
 model: the blocks compile beneath diffusers' group-offload hooks, draw what the eager model draws, and
 share one set of graphs that serves other prompt lengths and sizes without compiling again."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from diffusers.hooks import apply_group_offloading
 from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
 
-from worker import compile_modes, offload, pipeline
+from worker.engine import compile_modes, pipeline, placement, specs
 
 
 def render(pipe, side: int = 128, prompt: str = "a lighthouse at dusk") -> torch.Tensor:
@@ -27,7 +27,7 @@ def test_blocks_compiled_beneath_the_offload_hooks_draw_the_eager_image_and_shar
     eager = render(pipe)
     torch._dynamo.reset()
     try:
-        blocks = offload.compile_blocks_under_hooks(pipe.transformer)
+        blocks = placement.compile_blocks_under_hooks(pipe.transformer)
         # As _place does for a streamed DiT; the CPU stands in for both ends (no CUDA stream here).
         apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"),
                                offload_device=torch.device("cpu"), offload_type="block_level",
@@ -48,7 +48,7 @@ def test_a_block_compile_mode_reaches_torch_compile_and_an_unknown_one_is_refuse
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu")
-    offload.compile_blocks_under_hooks(pipe.transformer, **compile_modes.block_compile_args("tuned"))
+    placement.compile_blocks_under_hooks(pipe.transformer, **compile_modes.block_compile_args("tuned"))
     assert seen == [{"fullgraph": True, "options": {"coordinate_descent_tuning": True}}]
     with pytest.raises(ValueError, match="block compile mode"):
-        offload.spec_for("fp8mm_fast_compiled", {"compile_mode": "max-autotune"})
+        specs.spec_for("fp8mm_fast_compiled", {"compile_mode": "max-autotune"})

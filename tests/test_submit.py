@@ -13,7 +13,7 @@ from kombu import Connection
 from farm import LosesOneReply, client_that_loses_one_reply
 from producer.api import Farm, SubmitError
 from producer.cli import main
-from shared import keys, profiles, registry, wire
+from shared import keys, registry, routing, wire
 from shared.ledger import Ledger
 from shared.schema import Job
 from shared.settings import Settings
@@ -35,7 +35,7 @@ TIERED_TABLE = {"runs": [
 def table_path(tmp_path, monkeypatch):
     path = tmp_path / "profile_table.json"
     path.write_text(json.dumps(TIERED_TABLE))
-    monkeypatch.setenv(profiles.TABLE_ENV, str(path))
+    monkeypatch.setenv("ZFARM_PROFILE_TABLE", str(path))
     return path
 
 
@@ -99,7 +99,7 @@ def test_a_good_file_queues_one_message_per_job_in_its_size_tier(cli, tmp_path, 
     batch_id = result["batch_id"]
     lane = int(redis_client.hget(keys.batch_meta(batch_id), "lane"))
     assert result["jobs"] == 4
-    assert zfarm_queues(redis_client) == {keys.queue("high", "any", lane): 3, keys.queue("high", "c24", lane): 1}
+    assert zfarm_queues(redis_client) == {routing.queue("high", "any", lane): 3, routing.queue("high", "c24", lane): 1}
     assert result["queues"] == zfarm_queues(redis_client)
     status = Ledger(redis_client).status(batch_id)
     assert (status["total"], status["queued"], status["queued_by_tier"]) == (4, 4, {"any": 3, "c24": 1})
@@ -135,7 +135,7 @@ def test_queued_messages_are_celery_envelopes_kombu_decodes(cli, tmp_path, redis
             assert message.headers["task"] == "zfarm.render" and message.headers["id"] == job.id
             assert message.properties["delivery_info"]["routing_key"] == queue
             hard_s, soft_s = message.headers["timelimit"]
-            assert hard_s == profiles.job_time_limit_s(job.spec.pixels, job.spec.steps, TIERED_TABLE, 3.0)
+            assert hard_s == routing.job_time_limit_s(job.spec.pixels, job.spec.steps, TIERED_TABLE, 3.0)
             assert soft_s == hard_s - 10
             seen[job.spec.prompt] = (job.batch_id, job.tier, job.spec.seed)
     assert seen == {"small": (batch_id, "any", 5), "large": (batch_id, "c24", 6)}
@@ -143,7 +143,7 @@ def test_queued_messages_are_celery_envelopes_kombu_decodes(cli, tmp_path, redis
 
 def test_a_worker_blocked_on_several_queues_is_handed_the_larger_tier_first(redis_server, redis_client):
     farm = Farm(Settings.from_env(redis_url=redis_server, lanes=1), table=TIERED_TABLE)
-    large, small = keys.queue("normal", "c24", 0), keys.queue("normal", "any", 0)
+    large, small = routing.queue("normal", "c24", 0), routing.queue("normal", "any", 0)
     popped = []
     blocked = redis.Redis.from_url(redis_server)
     waiter = threading.Thread(target=lambda: popped.append(blocked.brpop([large, small], timeout=10)))
@@ -282,7 +282,7 @@ def test_a_new_batch_takes_the_least_loaded_lane(redis_server, redis_client):
     lanes = [int(farm.submit(["x"] * n).status()["meta"]["lane"]) for n in (30, 20, 10)]
     assert sorted(lanes) == [0, 1, 2]
     fourth = farm.submit(["x"])
-    assert fourth.queues == {keys.queue("normal", "any", lanes[2]): 1}  # the lane holding 10
+    assert fourth.queues == {routing.queue("normal", "any", lanes[2]): 1}  # the lane holding 10
 
 
 # Status

@@ -13,7 +13,7 @@ import redis
 from farm import REPO, base_env, wait_for
 from farm_fixtures import TEST_TABLE
 from shared import registry
-from worker import detect
+from worker.engine import detect
 from worker.supervisor import GpuSpecError, Slot, parse_gpus, slot_name
 
 CARDS = [{"name": "NVIDIA GeForce RTX 4090", "total_gib": 23.99, "cc": "8.9"},

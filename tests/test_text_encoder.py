@@ -1,4 +1,4 @@
-"""The text encoder's CUDA-graph path (worker.text_encoder), on the CPU: what it computes equals what
+"""The text encoder's CUDA-graph path (worker.engine.text_encoder), on the CPU: what it computes equals what
 ZImagePipeline's own encoding gives, and the calls it does not serve go to diffusers unchanged. The
 graph capture itself needs a GPU; the GPU benchmark compares the images of a captured run with bf16
 (bench/profiles.py fidelity check)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker import offload, pipeline, text_encoder
+from worker.engine import pipeline, specs, text_encoder
 
 PROMPTS = ["a red fox in the snow, golden hour", "word " * 700, ""]   # short, truncated at 512 tokens, empty
 
@@ -47,9 +47,9 @@ def test_several_prompts_at_once_still_go_through_diffusers_own_encoding(pipe):
 
 def test_profiles_refuse_a_graph_of_a_text_encoder_whose_weights_move():
     with pytest.raises(ValueError, match="te_graph needs a resident text encoder"):
-        offload.spec_for("group_stream", {"te_graph": True})
+        specs.spec_for("group_stream", {"te_graph": True})
 
 
 def test_cudnn_attention_is_refused_without_the_fused_processor_that_calls_it():
     with pytest.raises(ValueError, match="needs fuse_projections"):
-        offload.spec_for("resident_compiled", {"attention": "cudnn"})
+        specs.spec_for("resident_compiled", {"attention": "cudnn"})

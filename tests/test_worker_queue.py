@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import signal
 
-
 from farm import wait_for
-from shared import keys, registry, wire
+from shared import keys, registry, routing, wire
 
 SIMULATE = ("--simulate", "0.05")
 
@@ -60,7 +59,7 @@ def test_a_malformed_message_in_the_queue_fails_its_job_and_the_worker_renders_t
 def test_junk_pushed_into_a_queue_is_recorded_as_rejected_and_does_not_stop_the_worker(
         start_worker, farm_factory, file_storage_url, redis_client):
     worker = start_worker(file_storage_url, SIMULATE)
-    queue = keys.queue("normal", "any", 0)
+    queue = routing.queue("normal", "any", 0)
     junk = [b"not json at all", b"[1, 2, 3]", b'{"body": "x"}',
             json.dumps({"body": "%%%", "properties": {"delivery_tag": "t", "body_encoding": "base64"}}).encode(),
             wire.task_message("zfarm.nonexistent", "unknown-task", {"job": {}}, queue).encode(),

@@ -1,13 +1,18 @@
 """`zfarm worker` (also `python -m worker`): one Celery render worker in the foreground.
 
-Flags become ZFARM_* settings before the Celery app is imported, so `celery -A worker.app worker`
-with the same environment variables behaves the same.
+Flags override the ZFARM_* settings of the environment; the result is installed as this process's
+settings (`worker.config`) before the Celery app reads its configuration, so
+`celery -A worker.app worker` with the same environment variables behaves the same.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from shared.errors import SettingsError
+from shared.settings import Settings
+from worker import config
 
 
 def parse_args(argv):
@@ -19,22 +24,28 @@ def parse_args(argv):
     ap.add_argument("--vram-gb", type=float, help="play a card of this many GB (ZFARM_VRAM_GB)")
     ap.add_argument("--ram-gb", type=float, help="host RAM to plan for (ZFARM_RAM_GB)")
     ap.add_argument("--profile", help="force a memory/offload profile (ZFARM_PROFILE)")
-    ap.add_argument("--allow-lossy", action="store_const", const="1", default=None,
+    ap.add_argument("--allow-lossy", action="store_const", const=True, default=None,
                     help="let the chooser pick profiles that change images visibly (ZFARM_ALLOW_LOSSY)")
     ap.add_argument("--simulate", type=float, metavar="SECONDS",
                     help="simulated renderer: SECONDS per 1024x1024 8-step image (load tests only)")
     ap.add_argument("--redis-url", help="ZFARM_REDIS_URL")
     ap.add_argument("--storage-url", help="ZFARM_STORAGE_URL")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (ZFARM_METRICS_PORT)")
     ap.add_argument("--gpus", metavar="SPEC",
                     help="one worker per GPU: 'all', '0,1', or '0:80,1:12' (card:GB class to play)")
     ap.add_argument("--loglevel", default="INFO")
     return ap.parse_args(argv)
 
 
-ENV_FOR_FLAG = {"model": "ZFARM_MODEL", "name": "ZFARM_WORKER_NAME", "vram_gb": "ZFARM_VRAM_GB",
-                "ram_gb": "ZFARM_RAM_GB", "profile": "ZFARM_PROFILE", "allow_lossy": "ZFARM_ALLOW_LOSSY",
-                "simulate": "ZFARM_SIMULATE_S",
-                "redis_url": "ZFARM_REDIS_URL", "storage_url": "ZFARM_STORAGE_URL"}
+# Flag -> the Settings field it overrides.
+FIELD_FOR_FLAG = {"model": "model", "name": "worker_name", "vram_gb": "vram_gb", "ram_gb": "ram_gb",
+                  "profile": "profile", "allow_lossy": "allow_lossy", "simulate": "simulate_s",
+                  "redis_url": "redis_url", "storage_url": "storage_url", "metrics_port": "metrics_port"}
+
+
+def settings_from(args) -> Settings:
+    """The environment's settings with this command line's flags on top."""
+    return Settings.from_env(**{field: getattr(args, flag) for flag, field in FIELD_FOR_FLAG.items()})
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
@@ -52,6 +63,11 @@ def _without_gpus(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     raw_argv = sys.argv[1:] if argv is None else argv
     args = parse_args(raw_argv)
+    try:
+        settings = settings_from(args)
+    except SettingsError as exc:
+        print(f"zfarm worker: {exc}", file=sys.stderr)
+        return 2
     if args.gpus:
         if args.name or args.vram_gb:
             print("zfarm worker: with --gpus, names and --vram-gb are per card (e.g. --gpus 0:80,1:12)",
@@ -59,20 +75,23 @@ def main(argv=None) -> int:
             return 2
         from worker import supervisor
 
-        return supervisor.main(args.gpus, _without_gpus(raw_argv))
-    for attr, env in ENV_FOR_FLAG.items():
-        value = getattr(args, attr)
-        if value is not None:
-            os.environ[env] = str(value)
+        return supervisor.main(args.gpus, _without_gpus(raw_argv), settings)
+    config.install(settings)
     # SIGTERM runs Celery's soft shutdown (finish the job within the grace period or hand it back),
-    # and pool processes ignore a SIGTERM sent to the whole process group. Read at billiard import.
+    # and pool processes ignore a SIGTERM sent to the whole process group. billiard reads this
+    # variable, and nothing else, when it is imported.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from worker.app import app
 
     argv_celery = ["worker", f"--loglevel={args.loglevel}", f"--concurrency={args.concurrency}",
                    "--without-mingle", "--without-gossip"]
     app.worker_main(argv_celery)
-    return 0
+    # Celery's worker_main drops the worker's exit code: a model that never loaded is a configuration
+    # error (78), which supervisors (zfarm worker --gpus, systemd's RestartPreventExitStatus) do not restart.
+    from worker.startup import EX_CONFIG
+    from worker.state import STATE
+
+    return EX_CONFIG if STATE.failed else 0
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from __future__ import annotations
 from flower.utils.broker import RedisSentinel
 from flower.views import BaseHandler
 
-from shared import keys, profiles
+from shared import routing
 from shared.redis_conn import broker_url, is_sentinel, parse_sentinel_url
-from shared.schema import PRIORITIES
-from worker.app import app, settings, table
+from worker import config
+from worker.app import app
 
 __all__ = ["app"]
 
@@ -20,14 +20,13 @@ __all__ = ["app"]
 # custom transport class; it consumes no jobs, so the stock transport is right for it. Through
 # Sentinel it keeps the worker's transport, whose channel asks every sentinel (kombu's asks one), and
 # reads queue lengths with `EverySentinel` below.
-if not is_sentinel(settings.redis_url):
+if not is_sentinel(config.settings().redis_url):
     app.conf.broker_transport = None
 
 
 def all_queues() -> list[str]:
-    max_pixels = profiles.max_pixels_by_class(table)
-    tiers = profiles.tiers_served(profiles.CPU_MAX_PIXELS, max_pixels)
-    return [keys.queue(p, t, lane) for p in PRIORITIES for t in tiers for lane in range(settings.lanes)]
+    """Every job queue a producer can fill (`routing.all_job_queues`), served or not."""
+    return routing.all_job_queues(config.table(), config.settings().lanes)
 
 
 _flower_queue_names = BaseHandler.get_active_queue_names
@@ -49,7 +48,7 @@ class EverySentinel(RedisSentinel):
         manager = client.connection_pool.sentinel_manager
         first = manager.sentinels[0]
         manager.sentinels = [first.__class__(host=host, port=port, **manager.sentinel_kwargs)
-                             for host, port in parse_sentinel_url(settings.redis_url).sentinels]
+                             for host, port in parse_sentinel_url(config.settings().redis_url).sentinels]
         client.connection_pool.connection_kwargs["db"] = self.vhost  # Flower's own leaves db 0
         return client
 
@@ -58,9 +57,9 @@ _flower_get_broker = BaseHandler.get_broker
 
 
 def _get_broker(self):
-    if not is_sentinel(settings.redis_url):
+    if not is_sentinel(config.settings().redis_url):
         return _flower_get_broker(self)
-    return EverySentinel(broker_url(settings.redis_url),
+    return EverySentinel(broker_url(config.settings().redis_url),
                          broker_options=self.capp.conf.broker_transport_options,
                          broker_use_ssl=self.capp.conf.broker_use_ssl)
 

@@ -19,7 +19,7 @@ from shared import registry
 from shared.redis_conn import connect
 from shared.settings import Settings
 
-# Written by worker.boot once the worker knows its name; one file per card under `--gpus`.
+# Written by worker.startup once the worker knows its name; one file per card under `--gpus`.
 NAME_FILE = Path("/tmp/zfarm-worker-name")
 
 
@@ -39,7 +39,7 @@ def worker_name(settings: Settings, path: Path = NAME_FILE) -> str:
         written = ""
     if written or not settings.worker_name:
         return written
-    # worker.boot registers a name without '@' as name@host, like Celery node names.
+    # worker.startup registers a name without '@' as name@host, like Celery node names.
     name = settings.worker_name
     return name if "@" in name else f"{name}@{socket.gethostname()}"
 

@@ -21,16 +21,15 @@ import shutil
 import tempfile
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
-from prometheus_client import values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server, values
 
 from shared.profiles import class_label
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# One 1024x1024 8-step image takes ~1.5 s on an H100 and minutes on a CPU or an 8 GB card with
-# offload: buckets span both.
+# One 1024x1024 8-step image takes about a second on a large card and minutes on a CPU or a small card
+# with offload: buckets span both.
 RENDER_BUCKETS_S = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 
 
@@ -49,6 +48,9 @@ def _families() -> SimpleNamespace:
         oom_stepdowns=Counter(
             "zfarm_oom_stepdowns", "Renders that ran out of device memory and moved to a smaller profile.",
             ["vram_class", "from_profile", "to_profile"]),
+        profile_stepdowns=Counter(
+            "zfarm_profile_stepdowns", "Profiles that failed their boot self-test, and the one the worker took instead.",
+            ["vram_class", "from_profile", "to_profile", "reason"]),
         upload_retries=Counter(
             "zfarm_upload_retries", "Upload attempts that failed and were retried."),
         # "mostrecent": the value set last by any process, i.e. the latest render's peak.
@@ -117,6 +119,10 @@ def count_failed(vram_class, profile: str, reason_kind: str) -> None:
 
 def count_oom_stepdown(vram_class, from_profile: str, to_profile: str) -> None:
     _families().oom_stepdowns.labels(_label(vram_class), from_profile, to_profile).inc()
+
+
+def count_profile_stepdown(vram_class, from_profile: str, to_profile: str, reason_kind: str) -> None:
+    _families().profile_stepdowns.labels(_label(vram_class), from_profile, to_profile, reason_kind).inc()
 
 
 def count_upload_retry() -> None:

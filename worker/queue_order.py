@@ -1,7 +1,7 @@
 """The order in which a worker's BRPOP names its queues (kombu's `queue_order_strategy`).
 
 Redis BRPOP pops from the first non-empty list it is given, so this order is the scheduling
-policy (`profiles.queue_rank`): priority first (high, normal, low); within a priority the tier of
+policy (`routing.queue_rank`): priority first (high, normal, low); within a priority the tier of
 the largest jobs this worker can render first and the shared tier last (a capable card serves the
 big jobs the small ones cannot); within one priority and tier the lanes take turns, so concurrent
 batches share the fleet: kombu calls `rotate(queue)` after each message it pops, which moves that
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from kombu.utils.scheduling import round_robin_cycle
 
-from shared import profiles
+from shared import profiles, routing
+from worker import config
 
 
 class ZfarmCycle(round_robin_cycle):
@@ -19,15 +20,13 @@ class ZfarmCycle(round_robin_cycle):
 
     def __init__(self, it=None):
         super().__init__(it)
-        from worker.app import table
-
-        self._ceilings = profiles.tier_ceilings(profiles.max_pixels_by_class(table))
+        self._ceilings = routing.tier_ceilings(profiles.max_pixels_by_class(config.table()))
         self._ranks: dict[str, tuple[int, int]] = {}
 
     def _rank(self, queue: str) -> tuple[int, int]:
         rank = self._ranks.get(queue)
         if rank is None:
-            rank = self._ranks[queue] = profiles.queue_rank(queue, self._ceilings)
+            rank = self._ranks[queue] = routing.queue_rank(queue, self._ceilings)
         return rank
 
     def consume(self, n):

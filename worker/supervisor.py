@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 from shared import profiles
-from worker import detect
+from shared.errors import GpuSpecError
+from worker.engine import detect
 
 log = logging.getLogger("zfarm.supervisor")
 
@@ -31,8 +32,6 @@ HEALTHY_AFTER_S = 60.0
 POLL_S = 0.2
 
 
-class GpuSpecError(ValueError):
-    """Raised when a --gpus value cannot be read or names a card that is not there."""
 
 
 @dataclass
@@ -84,24 +83,30 @@ def slot_name(slot: Slot, gpu: detect.GpuInfo, host: str) -> str:
     return f"zimage-{label}-gpu{slot.gpu_index}@{host}"
 
 
+def child_args(slot: Slot, worker_args: list[str], metrics_port: int) -> list[str]:
+    """The `python -m worker` arguments of one card's worker: the supervisor's own, then its name, the
+    class it plays, and its metrics port (base port + card index: one endpoint per card)."""
+    args = [*worker_args, "--name", slot.name]
+    if slot.vram_gb:
+        args += ["--vram-gb", str(slot.vram_gb)]
+    if metrics_port:
+        args += ["--metrics-port", str(metrics_port + slot.gpu_index)]
+    return args
+
+
 class Supervisor:
-    def __init__(self, slots: list[Slot], worker_args: list[str], env: dict | None = None):
+    def __init__(self, slots: list[Slot], worker_args: list[str], metrics_port: int = 0, env: dict | None = None):
         self.slots = slots
         self.worker_args = worker_args
+        self.metrics_port = metrics_port
         self.env = dict(os.environ if env is None else env)
         self.stopping = False
 
     def _spawn(self, slot: Slot) -> None:
-        env = dict(self.env)
-        env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu_index)
-        env["ZFARM_WORKER_NAME"] = slot.name
-        if slot.vram_gb:
-            env["ZFARM_VRAM_GB"] = str(slot.vram_gb)
-        base_port = int(env.get("ZFARM_METRICS_PORT", "0") or 0)
-        if base_port:
-            # One metrics endpoint per card: base port + card index.
-            env["ZFARM_METRICS_PORT"] = str(base_port + slot.gpu_index)
-        slot.proc = subprocess.Popen([sys.executable, "-m", "worker", *self.worker_args], env=env)
+        # CUDA reads nothing else: each child sees only its own card.
+        env = {**self.env, "CUDA_VISIBLE_DEVICES": str(slot.gpu_index)}
+        slot.proc = subprocess.Popen([sys.executable, "-m", "worker",
+                                      *child_args(slot, self.worker_args, self.metrics_port)], env=env)
         slot.started_at = time.monotonic()
         slot.restart_at = None
         log.info("started %s (pid %d) on GPU %d", slot.name, slot.proc.pid, slot.gpu_index)
@@ -152,7 +157,7 @@ class Supervisor:
         return 0 if self.stopping or all(c == 0 for s in self.slots for c in s.exit_codes[-1:]) else 1
 
 
-def main(gpus_spec: str, worker_args: list[str]) -> int:
+def main(gpus_spec: str, worker_args: list[str], settings) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/supervisor] %(message)s")
     gpus = detect.nvml_gpus()
     try:
@@ -163,4 +168,4 @@ def main(gpus_spec: str, worker_args: list[str]) -> int:
     host = socket.gethostname()
     for slot in slots:
         slot.name = slot_name(slot, gpus[slot.gpu_index], host)
-    return Supervisor(slots, worker_args).run()
+    return Supervisor(slots, worker_args, settings.metrics_port).run()

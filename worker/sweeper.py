@@ -36,7 +36,7 @@ import time
 
 import redis
 
-from shared import keys
+from shared import keys, lua, routing
 from shared.ledger import FINAL_STATES, Ledger, job_ref
 from worker.transport import named_job
 
@@ -71,7 +71,7 @@ def _let_go(client: redis.Redis, claim: str, ref: tuple[str, int], taken_at: flo
 
 def held_jobs() -> str:
     """The jobs ("batch/index", comma-separated) of the messages this worker process holds: taken
-    and not yet acknowledged. The parent's heartbeat reports them (`worker.boot`)."""
+    and not yet acknowledged. The parent's heartbeat reports them (`worker.registration`)."""
     from celery.worker import state as worker_state
 
     refs = set()
@@ -152,26 +152,6 @@ def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> i
     return restored
 
 
-# Jobs the ledger counts unfinished minus the job messages in queues and in the unacked hash, read
-# atomically. Queued jobs are counted only in the size tiers of the queues given (the ledger's
-# `queued:<tier>` counts), so jobs waiting in queues no worker here consumes make no deficit.
-# KEYS: the unacked hash, then each active batch's counts hash.
-# ARGV: the number of tiers N, the N tiers, then the job queues.
-_MESSAGE_DEFICIT = """
-local tiers = tonumber(ARGV[1])
-local jobs = 0
-for i = 2, #KEYS do
-  jobs = jobs + tonumber(redis.call('HGET', KEYS[i], 'running') or 0)
-  for t = 2, tiers + 1 do
-    jobs = jobs + tonumber(redis.call('HGET', KEYS[i], 'queued:' .. ARGV[t]) or 0)
-  end
-end
-local messages = redis.call('HLEN', KEYS[1])
-for q = tiers + 2, #ARGV do messages = messages + redis.call('LLEN', ARGV[q]) end
-return jobs - messages
-"""
-
-
 def message_deficit(client: redis.Redis, queues: list[str]) -> int:
     """How many more jobs the ledger counts running, or queued in the tiers of `queues`, than job
     messages exist in `queues` and the unacked hash. Above zero, some job may have lost its message;
@@ -180,8 +160,8 @@ def message_deficit(client: redis.Redis, queues: list[str]) -> int:
     active = [b.decode() for b in client.smembers(keys.ACTIVE_BATCHES)]
     if not active:
         return 0
-    tiers = sorted({parsed[1] for parsed in map(keys.parse_queue, queues) if parsed})
-    return int(client.eval(_MESSAGE_DEFICIT, 1 + len(active), keys.KOMBU_UNACKED,
+    tiers = sorted({parsed[1] for parsed in map(routing.parse_queue, queues) if parsed})
+    return int(client.eval(lua.source("message_deficit"), 1 + len(active), keys.KOMBU_UNACKED,
                            *[keys.batch_counts(b) for b in active], len(tiers), *tiers, *queues))
 
 
@@ -264,7 +244,7 @@ def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, co
         lane = int(client.hget(keys.batch_meta(batch_id), "lane") or 0)
 
         def queue_for(job, lane=lane):
-            queue = keys.queue(job.priority, job.tier, lane)
+            queue = routing.queue(job.priority, job.tier, lane)
             return queue if queue in family else None
 
         queued_again = ledger.requeue_lost(batch_id, indexes, queue_for, time_limit_for)

@@ -18,27 +18,26 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from shared import keys, registry
+from shared.errors import JobError, JobFailed, OutOfMemory, RenderFailure, StorageError
 from shared.ledger import FINAL_STATES, MAX_ATTEMPTS, Ledger
-from shared.profiles import work_units
 from shared.redis_conn import connect
-from shared.schema import WIRE_MAX_BYTES, Job, JobError
-from shared.storage import StorageError, open_storage, put_with_retry, result_name
-from worker import boot, metrics
-from worker.app import app, settings
-from worker.render import OutOfMemory
+from shared.routing import work_units
+from shared.schema import WIRE_MAX_BYTES, Job
+from shared.storage import open_storage, put_with_retry, result_name
+from worker import config, loading, metrics
+from worker.app import app
+from worker.state import STATE, versions
 
 log = logging.getLogger(__name__)
 
 _clients: dict = {}
 
 
-class JobFailed(Exception):
-    """Raised when a job failed; its reason is already stored in the ledger."""
 
 
 def _redis():
     if "redis" not in _clients:
-        _clients["redis"] = connect(settings.redis_url, master_name=settings.redis_master_name)
+        _clients["redis"] = connect(config.settings().redis_url, master_name=config.settings().redis_master_name)
     return _clients["redis"]
 
 
@@ -50,13 +49,14 @@ def _ledger() -> Ledger:
 
 def _storage():
     if "storage" not in _clients:
+        settings = config.settings()
         _clients["storage"] = open_storage(settings.storage_url, settings.s3_endpoint_url)
     return _clients["storage"]
 
 
 def reject_message(reason: str, detail: dict) -> None:
     """A message that is not a valid job: fail its job if it names one, else record it as rejected."""
-    _ledger().reject(reason, {"worker": boot.STATE.name, **detail})
+    _ledger().reject(reason, {"worker": STATE.name, **detail})
     log.warning("rejected a message: %s", reason)
 
 
@@ -87,15 +87,17 @@ def _decode(args, kwargs) -> Job:
 
 
 def sidecar(job: Job, render_facts: dict, render_s: float) -> dict:
-    b = boot.STATE.boot
+    b = STATE.boot
     facts = dict(render_facts)
     # The renderer knows the resolved folder; the sidecar names the model as the user gave it.
     facts.pop("model", None)
+    # The worker's versions (celery, kombu, redis...) and the renderer's (torch, diffusers, cuda...) together.
+    rendered_with = {**versions(), **facts.pop("versions", {})}
     return {
         **job.spec.to_dict(), "batch_id": job.batch_id, "index": job.index, "job_id": job.id,
-        "priority": job.priority, "worker": boot.STATE.name, "host": b.host, "gpu": b.gpu,
+        "priority": job.priority, "worker": STATE.name, "host": b.host, "gpu": b.gpu,
         "vram_class": b.vram_class, "profile": facts.pop("profile", b.choice.profile),
-        "model": settings.model, "model_path": boot.STATE.model_path, "versions": boot.versions(),
+        "model": config.settings().model, "model_path": STATE.model_path, "versions": rendered_with,
         "render_s": round(render_s, 3),
         "simulated": bool(facts.pop("simulated", False)), "finished_at": time.time(), **facts,
     }
@@ -110,7 +112,7 @@ def run_job(task_id: str, args, kwargs) -> dict:
     except SoftTimeLimitExceeded:
         # Outside the render itself (an upload retrying, say): the job is failed all the same.
         reason = {"kind": "time-limit", "message": "the job exceeded its soft time limit",
-                  "worker": boot.STATE.name}
+                  "worker": STATE.name}
         if not _ledger().fail_invalid(_named_job(kwargs), reason):
             log.warning("soft time limit of %s not recorded: its job is unknown or already final", task_id)
         raise JobFailed(f"job message {task_id}: time-limit: {reason['message']}") from None
@@ -128,12 +130,12 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         raise JobFailed(f"invalid job: {exc}"[:1000]) from None
 
     ledger = _ledger()
-    state = ledger.start(job, boot.STATE.claim)
+    state = ledger.start(job, STATE.claim)
     if state == "unknown":
         reject_message(f"job {job.id} is not a job of any batch on record", {"task_id": task_id})
         raise JobFailed(f"job {job.id}: not on record")
     if state == "exhausted":
-        reason = {"kind": "worker-lost", "worker": boot.STATE.name,
+        reason = {"kind": "worker-lost", "worker": STATE.name,
                   "message": f"started {MAX_ATTEMPTS} times and never finished: the worker rendering it "
                              "died (or hit an internal error) on every attempt"}
         ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier)
@@ -142,17 +144,18 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         log.info("job %s skipped: %s", job.id, state)
         return {"job_id": job.id, "skipped": state}
 
-    b = boot.STATE.boot
+    b = STATE.boot
+    upload_retry_s = config.settings().upload_retry_s
     try:
         try:
-            result = boot.renderer().render(job.spec)
+            result = loading.renderer().render(job.spec)
         except SoftTimeLimitExceeded:
-            raise _Failure("time-limit", "the job exceeded its time limit") from None
+            raise RenderFailure("time-limit", "the job exceeded its time limit") from None
         except OutOfMemory as exc:
-            raise _Failure("out-of-memory", str(exc)) from None
+            raise RenderFailure("out-of-memory", str(exc)) from None
         except Exception as exc:  # a render error fails this job with its reason, never the worker
             log.exception("job %s failed while rendering", job.id)
-            raise _Failure("render-error", f"{type(exc).__name__}: {exc}") from None
+            raise RenderFailure("render-error", f"{type(exc).__name__}: {exc}") from None
         if ledger.state(job.batch_id, job.index) in FINAL_STATES:
             # A second delivery of this job (a restored message) finished it meanwhile: its stored
             # result stays as it is, rather than being overwritten by this render.
@@ -162,23 +165,23 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         record = sidecar(job, result.facts, result.render_s)
         try:
             put_with_retry(_storage(), result_name(job.batch_id, job.index, "png"), result.png, "image/png",
-                           settings.upload_retry_s, on_retry=lambda _exc: metrics.count_upload_retry())
+                           upload_retry_s, on_retry=lambda _exc: metrics.count_upload_retry())
             put_with_retry(_storage(), result_name(job.batch_id, job.index, "json"),
                            json.dumps(record, indent=1, default=str).encode(), "application/json",
-                           settings.upload_retry_s, on_retry=lambda _exc: metrics.count_upload_retry())
+                           upload_retry_s, on_retry=lambda _exc: metrics.count_upload_retry())
         except StorageError as exc:
-            raise _Failure("upload", str(exc)) from None
-    except _Failure as failure:
-        reason = {"kind": failure.kind, "message": failure.message[:2000], "worker": boot.STATE.name}
-        if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier, worker=boot.STATE.name):
+            raise RenderFailure("upload", str(exc)) from None
+    except RenderFailure as failure:
+        reason = {"kind": failure.kind, "message": failure.message[:2000], "worker": STATE.name}
+        if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier, worker=STATE.name):
             metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
         raise JobFailed(f"job {job.id}: {failure.kind}: {failure.message}"[:2000]) from None
-    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier, worker=boot.STATE.name):
+    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier, worker=STATE.name):
         # Another delivery of this job finished it first; the job counts once, and so does its render.
         log.warning("job %s was already final; this render (stored at the same key) is not counted again", job.id)
         return {"job_id": job.id, "skipped": "finished-elsewhere"}
     _note_render_facts(b, record)
-    registry.record_render_time(_redis(), boot.STATE.name, result.render_s,
+    registry.record_render_time(_redis(), STATE.name, result.render_s,
                                 work_units(job.spec.pixels, job.spec.steps))
     metrics.observe_render(b.vram_class, record["profile"], result.render_s)
     return {"job_id": job.id, "render_s": round(result.render_s, 3)}
@@ -188,17 +191,11 @@ def _note_render_facts(b, record: dict) -> None:
     """An out-of-memory step-down changes this worker's profile: say so in the registry and metrics."""
     if record.get("peak_vram_gib") is not None:
         metrics.set_peak_vram(b.vram_class, float(record["peak_vram_gib"]))
-    downgraded_from = record.get("downgraded_from")
-    if downgraded_from:
-        metrics.count_oom_stepdown(b.vram_class, downgraded_from, record["profile"])
-        _redis().hset(keys.worker(boot.STATE.name), mapping={
-            "profile": record["profile"], "downgraded_from": downgraded_from})
-
-
-class _Failure(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind, self.message = kind, message
+    stepped = record.get("oom_step_down")
+    if stepped:
+        metrics.count_oom_stepdown(b.vram_class, stepped["from"], stepped["to"])
+        STATE.step_down = {"downgraded_from": stepped["from"], "downgrade_reason": record["downgrade_reason"]}
+        _redis().hset(keys.worker(STATE.name), mapping={"profile": stepped["to"], **STATE.step_down})
 
 
 class RenderRequest(Request):
@@ -210,7 +207,7 @@ class RenderRequest(Request):
         if not soft and not worker_state.should_terminate:
             # Recorded before Celery acks the message: once acked, the record is all that is left.
             reason = {"kind": "time-limit", "message": f"hard time limit of {timeout:g} s exceeded",
-                      "worker": boot.STATE.name}
+                      "worker": STATE.name}
             if not _ledger().fail_invalid(_named_job(self.kwargs), reason):
                 log.warning("time limit of %s not recorded: its job is unknown or already final", self.id)
         super().on_timeout(soft, timeout)

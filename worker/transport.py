@@ -29,6 +29,7 @@ import math
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
+from shared.errors import Refused
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
 
@@ -52,8 +53,6 @@ HEADER_KEYS = {"lang", "task", "id", "shadow", "eta", "expires", "group", "group
 EMBED_KEYS = {"callbacks", "errbacks", "chain", "chord"}
 
 
-class Refused(ValueError):
-    """Raised when a queue item is not a zfarm job message; the text says why."""
 
 
 def _known_object(payload: dict, name: str, known: set, unknown_text: str) -> dict:

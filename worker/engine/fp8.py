@@ -17,6 +17,9 @@ import re
 import torch
 import torch.nn.functional as F
 
+from shared import archs
+from worker.engine import emulation
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)   # 448
 # _scaled_mm needs the inner and output sizes to be multiples of 16.
@@ -30,8 +33,12 @@ TEXT_ENCODER_TARGETS = re.compile(r"^(model\.)?layers\.\d+\.(self_attn|mlp)\.")
 
 
 def has_fp8_matmul(device) -> bool:
-    """True on CUDA GPUs with fp8 tensor cores (compute capability 8.9 or later)."""
+    """True on CUDA GPUs with fp8 tensor cores (compute capability 8.9 or later), unless this process
+    plays an architecture without them (`worker.engine.emulation`)."""
     if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+        return False
+    emulated = emulation.active()
+    if emulated is not None and not emulated.meets(archs.FP8_MATMUL):
         return False
     return torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
 

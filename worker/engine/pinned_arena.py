@@ -3,12 +3,12 @@ that is registered with CUDA (cudaHostRegister) as it is, at its exact size, wit
 
 diffusers' group offload copies blocks to the GPU from pinned host memory. Left to itself it asks
 torch for a pinned copy of each tensor, and torch's pinned allocator rounds every block up to a power
-of two: the 8 GB class's fp8 weights (9.5 GiB) took 14.1 GiB of pinned memory on an H100 machine,
-beside the 6.5 GiB the process had besides (bench/results/). Here the weights are pinned once, at
-their size; the offload's `pin_memory()` then finds each tensor pinned already and keeps it.
+of two, which costs the small-card profiles about half again their weights in host RAM
+(`python -m bench.pinned`; figures in docs/performance.md). Here the weights are pinned once, at their
+size; the offload's `pin_memory()` then finds each tensor pinned already and keeps it.
 
-torch 2.13's `pinned_max_round_threshold_mb` setting would stop the rounding (`pinned_exact`), but
-torch 2.11 refuses it; registering memory works on any CUDA torch.
+torch's `pinned_max_round_threshold_mb` setting would stop the rounding (`pinned_exact`), but not every
+torch release takes it; registering memory works on any CUDA torch.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import weakref
 
 import torch
 
+from shared.errors import PinError
+
 PAGE_BYTES = mmap.PAGESIZE
 ALIGN_BYTES = 256  # each storage starts on a boundary every dtype's elements and the copy engines like
 
 
-class PinError(RuntimeError):
-    """The host buffer could not be page-locked, or torch does not see it as pinned."""
 
 
 def _cuda_register(address: int, size: int) -> None:

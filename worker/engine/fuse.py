@@ -2,10 +2,11 @@
 w1 and w3 as another.
 
 Each block's attention otherwise runs three 3840x3840 matmuls on the same input and its feed-forward
-two 3840x10240 ones; fused, the input is scaled and rounded to fp8 (`worker.fp8`) once instead of three
-or two times. On an H100 that saved little (DiT loop 0.622 -> 0.618 s an image): the separate fp8
-matmuls already ran at 1.2 PFLOP/s. The result is the same arithmetic: the fused weight is the layers' weights stacked on the output axis
-(with their per-channel fp8 scales), so a fused profile draws the same pixels as the unfused one.
+two 3840x10240 ones; fused, the input is scaled and rounded to fp8 (`worker.engine.fp8`) once instead
+of three or two times, and one launch replaces several. The result is the same arithmetic: the fused
+weight is the layers' weights stacked on the output axis (with their per-channel fp8 scales), so a
+fused profile draws the same pixels as the unfused one. What each piece saved is in
+docs/performance.md.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from worker import fp8, fp8_kernels
-from worker import qk_kernel as qk_kernel_module
-from worker.rope import apply_rotary_emb as _apply_rotary_emb
-from worker.rope import apply_rotary_emb_real as _apply_rotary_emb_real
+from worker.engine import fp8
+from worker.engine.kernels import qk_norm_rope, silu_gate
+from worker.engine.rope import apply_rotary_emb as _apply_rotary_emb
+from worker.engine.rope import apply_rotary_emb_real as _apply_rotary_emb_real
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
 
@@ -44,7 +45,7 @@ class GatedFeedForward(torch.nn.Module):
     """Z-Image's SiLU-gated feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 in one layer `w13`.
 
     `gate_kernel`: where w2 runs an fp8 matmul, the gate and w2's row scaling run as one hand-written
-    kernel (`worker.fp8_kernels`) instead of inductor's; elsewhere it changes nothing. `gate_warps`: the
+    kernel (`worker.engine.kernels.silu_gate`) instead of inductor's; elsewhere it changes nothing. `gate_warps`: the
     kernel's warps a row (0: its default). `inline`: call the kernel's triton_op, which inductor
     launches from its own code, instead of its custom op."""
 
@@ -54,8 +55,8 @@ class GatedFeedForward(torch.nn.Module):
         self.w13 = w13
         self.w2 = w2
         self.gate_kernel = gate_kernel and isinstance(w2, fp8.Fp8Linear) and w2.fp8_matmul
-        self.gate_warps = gate_warps or fp8_kernels.NUM_WARPS
-        self.gate_op = fp8_kernels.silu_gate_fp8_inline if inline else fp8_kernels.silu_gate_fp8
+        self.gate_warps = gate_warps or silu_gate.NUM_WARPS
+        self.gate_op = silu_gate.silu_gate_fp8_inline if inline else silu_gate.silu_gate_fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_value = self.w13(x)
@@ -72,14 +73,12 @@ class FusedQKVAttnProcessor:
     The steps after the projection (q/k RMS norms, RoPE in float32, the attention backend dispatch, the
     output projection) are that processor's, kept in the same order so the numbers match.
 
-    `cudnn`: call torch's cuDNN attention op directly rather than through SDPA's kernel choice. Alone, on
-    an H100, it ran Z-Image's attention in 0.42 ms against flash attention's 0.80 (bench/kernels.py),
-    yet it did not shorten the DiT loop: kernel traces show SDPA already chose the same cuDNN kernel
-    there. The direct call keeps that choice whatever SDPA's heuristics do (docs/performance.md).
+    `cudnn`: call torch's cuDNN attention op directly rather than through SDPA's kernel choice, so the
+    fastest kernel for Z-Image's attention is kept whatever SDPA's heuristics pick.
 
-    `real_rope`: rotate q and k with `_apply_rotary_emb_real` (0.644 -> 0.616 s an image on an H100).
+    `real_rope`: rotate q and k with `_apply_rotary_emb_real`, in real arithmetic that inductor fuses.
 
-    `qk_kernel`: q and k's head norms and rotation in one hand-written kernel (`worker.qk_kernel`), for
+    `qk_kernel`: q and k's head norms and rotation in one hand-written kernel (`worker.engine.kernels.qk_norm_rope`), for
     an attention whose norms it supports (`qk_kernel_fits`); `inline`: through its triton_op."""
 
     _attention_backend = None
@@ -89,7 +88,7 @@ class FusedQKVAttnProcessor:
         self.cudnn = cudnn
         self.rotate = _apply_rotary_emb_real if real_rope else _apply_rotary_emb
         self.qk_kernel = qk_kernel
-        self.qk_op = qk_kernel_module.qk_norm_rope_inline if inline else qk_kernel_module.qk_norm_rope
+        self.qk_op = qk_norm_rope.qk_norm_rope_inline if inline else qk_norm_rope.qk_norm_rope
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,7 +127,7 @@ class FusedQKVAttnProcessor:
 
 
 def qk_kernel_fits(attn) -> bool:
-    """Whether `worker.qk_kernel` computes this attention's q/k norms: diffusers RMS norms with weights
+    """Whether `worker.engine.kernels.qk_norm_rope` computes this attention's q/k norms: diffusers RMS norms with weights
     of one dtype, no bias, one epsilon, over heads of a power-of-two size."""
     norms = (attn.norm_q, attn.norm_k)
     return (all(type(norm).__name__ == "RMSNorm" and getattr(norm, "weight", None) is not None
@@ -145,9 +144,9 @@ def fuse_projections(transformer: torch.nn.Module, cudnn_attention: bool = False
     Returns how many blocks were fused. Call after fp8 conversion and before compiling.
     `cudnn_attention`: the fused processor calls cuDNN attention directly (see FusedQKVAttnProcessor).
     `real_rope`: it rotates q and k in real arithmetic, which compiles into one kernel (same numbers).
-    `gate_kernel`: the feed-forwards run their gate through `worker.fp8_kernels` (GatedFeedForward),
+    `gate_kernel`: the feed-forwards run their gate through `worker.engine.kernels.silu_gate` (GatedFeedForward),
     with `gate_warps` warps a row (0: the kernel's default).
-    `qk_kernel`: the attentions normalise and rotate q and k through `worker.qk_kernel`.
+    `qk_kernel`: the attentions normalise and rotate q and k through `worker.engine.kernels.qk_norm_rope`.
     `triton_ops`: those kernels are called through their triton_ops, which inductor launches itself."""
     fused = 0
     for list_name in BLOCK_LISTS:

@@ -1,10 +1,9 @@
 """A hand-written GPU kernel for the DiT feed-forward's gate: silu(gate) * value, scaled row by row and
-rounded to fp8 for the next fp8 matmul (`worker.fp8`), in one pass over the row.
+rounded to fp8 for the next fp8 matmul (`worker.engine.fp8`), in one pass over the row.
 
-Compiled by inductor, the same arithmetic was a looped row reduction: each 10240-value row was read
-once to find its largest magnitude and again to scale it, 37 ms of every 0.58 s of an image's kernels
-on an H100 (bench/results/). Here one program holds its whole row in registers, so the 40 KB of
-gate and value are read once.
+Compiled by inductor, the same arithmetic is a looped row reduction: each 10240-value row is read
+once to find its largest magnitude and again to scale it. Here one program holds its whole row in
+registers, so the 40 KB of gate and value are read once (its speed: docs/performance.md).
 
 `silu_gate_fp8` is a torch custom op: `torch.compile(fullgraph=True)` traces it as one opaque call.
 `silu_gate_fp8_inline` is the same declared with `torch.library.triton_op`: inductor launches the
@@ -18,11 +17,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from worker import fp8
+from worker.engine import fp8
 
 # Warps per row program: 16 spread the DiT's rows (10240 values, a 16384-wide block) 32 values of gate
-# and of value to a thread. The whole-image figures were measured with 16; alone, 32 warps ran the
-# kernel in 0.083 ms against 0.097 (bench/results/kernels.jsonl), not yet measured in a whole image.
+# and of value to a thread. Profiles may ask for others (`Spec.gate_warps`); bench/kernels.py times them.
 NUM_WARPS = 16
 
 

@@ -2,12 +2,14 @@
 
 The one owner of finding the model. Resolving (and downloading) happens in the worker's parent
 process at boot, before any job is taken and without torch, so a model that cannot be found stops
-the worker with a clear message instead of failing jobs; `worker.pipeline` then loads the folder.
+the worker with a clear message instead of failing jobs; `worker.engine.pipeline` then loads the folder.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from shared.errors import ModelNotFound
 
 MODELSCOPE_PREFIX = "modelscope:"
 PIPELINE_FILE = "model_index.json"
@@ -17,17 +19,10 @@ HINT = ("Point ZFARM_MODEL at a local folder holding a ZImagePipeline (model_ind
         "ZFARM_MODEL=modelscope:Tongyi-MAI/Z-Image-Turbo where the Hugging Face Hub is out of reach.")
 
 
-class ModelNotFound(RuntimeError):
-    """Raised when the model could not be found or downloaded. The message lists each source tried
-    and why it failed, and how to point ZFARM_MODEL at a local folder."""
 
-    def __init__(self, model: str, tried: list[str]):
-        self.model = model
-        self.tried = list(tried)
-        lines = [f"cannot load the Z-Image pipeline {model!r}. Tried:"]
-        lines += [f"  - {t}" for t in tried]
-        lines.append(HINT)
-        super().__init__("\n".join(lines))
+
+def _not_found(model: str, tried: list[str]) -> ModelNotFound:
+    return ModelNotFound(model, tried, HINT)
 
 
 def _offline(env: str) -> bool:
@@ -47,7 +42,7 @@ def _short(exc: BaseException) -> str:
 
 def _checked(model: str, folder: Path, source: str) -> str:
     if not (folder / PIPELINE_FILE).is_file():
-        raise ModelNotFound(model, [f"{source} {str(folder)!r}: the folder has no {PIPELINE_FILE}, "
+        raise _not_found(model, [f"{source} {str(folder)!r}: the folder has no {PIPELINE_FILE}, "
                                     "so it is not a diffusers pipeline"])
     return str(folder.resolve())
 
@@ -68,7 +63,7 @@ def _from_modelscope(model: str, cache_dir: str) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:
-        raise ModelNotFound(model, [f"ModelScope {model_id!r}: the modelscope package is not installed ({exc})"])
+        raise _not_found(model, [f"ModelScope {model_id!r}: the modelscope package is not installed ({exc})"])
     # ModelScope has no offline switch of its own; the Hub's one means "no network" here as well.
     offline = _offline("HF_HUB_OFFLINE") or _offline("MODELSCOPE_OFFLINE")
     try:
@@ -76,7 +71,7 @@ def _from_modelscope(model: str, cache_dir: str) -> str:
     except _modelscope_errors() as exc:
         where = f"cache {cache_dir!r}" if cache_dir else "the default cache"
         mode = "offline, cache only" if offline else "download"
-        raise ModelNotFound(model, [f"ModelScope {model_id!r} ({mode}, {where}): {_short(exc)}"]) from exc
+        raise _not_found(model, [f"ModelScope {model_id!r} ({mode}, {where}): {_short(exc)}"]) from exc
     return _checked(model, Path(folder), "ModelScope download")
 
 
@@ -91,7 +86,7 @@ def _from_hugging_face(model: str, cache_dir: str, tried: list[str]) -> str:
         # Not found, gated, offline without a cached copy: each an OSError or an HTTP error.
         where = f"cache {cache_dir!r}" if cache_dir else "the default cache"
         mode = "HF_HUB_OFFLINE=1, cache only" if offline else "download"
-        raise ModelNotFound(model, tried + [f"Hugging Face Hub {model!r} ({mode}, {where}): {_short(exc)}"]) from exc
+        raise _not_found(model, tried + [f"Hugging Face Hub {model!r} ({mode}, {where}): {_short(exc)}"]) from exc
     return _checked(model, Path(folder), "Hugging Face download")
 
 
@@ -104,7 +99,7 @@ def resolve_model(model: str, cache_dir: str = "") -> str:
     """
     model = model.strip()
     if not model:
-        raise ModelNotFound(model, ["nothing: ZFARM_MODEL is empty"])
+        raise _not_found(model, ["nothing: ZFARM_MODEL is empty"])
     if model.startswith(MODELSCOPE_PREFIX):
         return _from_modelscope(model, cache_dir)
     local = Path(model).expanduser()
@@ -112,5 +107,5 @@ def resolve_model(model: str, cache_dir: str = "") -> str:
         return _checked(model, local, "local folder")
     tried = [f"local folder {model!r}: no such folder"]
     if _looks_like_path(model):
-        raise ModelNotFound(model, tried)
+        raise _not_found(model, tried)
     return _from_hugging_face(model, cache_dir, tried)

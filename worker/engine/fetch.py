@@ -1,7 +1,7 @@
-"""`python -m worker.fetch` (`zfarm fetch-model`): put the weights in the cache before workers start.
+"""`python -m worker.engine.fetch` (`zfarm fetch-model`): put the weights in the cache before workers start.
 
 Downloads the pipeline from Hugging Face or ModelScope into the cache (ZFARM_MODEL_CACHE, or the hub
-library's default) exactly as a booting worker would (`worker.model_source`), and prints its local
+library's default) exactly as a booting worker would (`worker.engine.model_source`), and prints its local
 folder on stdout, the value to set as ZFARM_MODEL; progress and errors go to stderr, so
 `export ZFARM_MODEL=$(zfarm fetch-model --bf16)` works.
 
@@ -19,8 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from shared.errors import FetchError
 from shared.settings import Settings
-from worker import model_source
+from worker.engine import model_source
 
 log = logging.getLogger("zfarm.fetch")
 
@@ -28,8 +29,6 @@ BF16_SUFFIX = "-bf16"
 CONVERTED_COMPONENTS = ("transformer",)
 
 
-class FetchError(RuntimeError):
-    """Raised when the weights cannot be downloaded or converted; the message says what to do."""
 
 
 def fetch(model: str, source: str, cache_dir: str) -> Path:

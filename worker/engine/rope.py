@@ -1,6 +1,6 @@
 """Z-Image's rotary position embedding of q and k: the complex rotation diffusers' processor runs, and
-the same rotation written in real arithmetic. The fused processor (`worker.fuse`) and the q/k kernel's
-CPU reference (`worker.qk_kernel`) rotate with these."""
+the same rotation written in real arithmetic. The fused processor (`worker.engine.fuse`) and the q/k kernel's
+CPU reference (`worker.engine.kernels.qk_norm_rope`) rotate with these."""
 from __future__ import annotations
 
 import torch

@@ -8,16 +8,13 @@
               loop and then reads again to use the result. The DiT's norms and the fp8 scaling of their
               output reduce rows of 3840 values.
 
-Not offered:
-  - "max-autotune-no-cudagraphs": on an H100 its first image had not finished after 420 s of timing
-    matmul templates.
+Not offered (why each was dropped is in docs/performance.md):
+  - "max-autotune-no-cudagraphs": timing matmul templates makes a first image take minutes.
   - CUDA-graph modes: each block's weights sit at other addresses, so each block would record a graph
     of its own.
-  - dynamic=True: on the CPU the blocks still made 3 graphs.
-  - inductor's multi_kernel (a persistent and a looped variant of each reduction, the faster picked at
-    the first call): 0.617 -> 0.607 s an image on an H100, but a second process compiling the same
-    blocks from the filled compile cache failed in inductor (TypeError: 'NoneType' object does not
-    support the context manager protocol, torch 2.11), and a worker's fast start needs that cache.
+  - dynamic=True: the blocks still make several graphs.
+  - inductor's multi_kernel: a second process compiling the same blocks from a filled compile cache
+    fails in inductor, and a worker's fast start needs that cache.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Renderers: the diffusers pipeline, or a simulated one for load tests. Both return PNG bytes.
-
-`make_renderer` is the only place that decides which renderer a worker runs. The diffusers one is
-imported lazily, so nothing here imports torch until a real render is asked for.
+"""What every renderer returns (a PNG with its parameters, and the facts of the render), and the
+simulated renderer for load tests. The diffusers renderer is `worker.engine.diffusion`; which one a
+worker runs is decided by `worker.loading.make_renderer`. No torch here.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.profiles import work_units
+from shared.routing import work_units
 from shared.schema import JobSpec
 
 
@@ -24,10 +23,6 @@ class RenderResult:
     render_s: float
     # What made the image, for the sidecar: profile, gpu, peak_vram_gib, downgraded_from, simulated...
     facts: dict = field(default_factory=dict)
-
-
-class OutOfMemory(RuntimeError):
-    """Raised by a renderer when a render ran out of device memory and no smaller profile is left."""
 
 
 def encode_png(image: Image.Image, spec: JobSpec, extra: dict) -> bytes:
@@ -70,12 +65,3 @@ class SimulatedRenderer:
                  "image_size": list(size)}
         png = encode_png(image, spec, facts)
         return RenderResult(png=png, render_s=time.monotonic() - t0, facts=facts)
-
-
-def make_renderer(settings, boot):
-    """The renderer this worker runs: simulated when asked for, else diffusers on `boot`'s device."""
-    if settings.simulated:
-        return SimulatedRenderer(settings.simulate_s)
-    from worker.diffusion import DiffusionRenderer
-
-    return DiffusionRenderer(settings, boot)

@@ -1,10 +1,9 @@
 """The text encoder as one CUDA graph.
 
-Z-Image pads every prompt to 512 tokens and takes the Qwen3 encoder's second-to-last hidden state. On a
-GPU that is ~4 TFLOP, a few milliseconds of compute, yet the eager call measured 43-85 ms on H100s,
-most of it Python launching the layers' small kernels one by one. The shape never changes, so the
-layers up to the one the pipeline reads are captured once as a CUDA graph and replayed per prompt:
-16 ms on an H100 (bench/results, fp8mm_fast_compiled).
+Z-Image pads every prompt to 512 tokens and takes the Qwen3 encoder's second-to-last hidden state: a
+few milliseconds of compute on a GPU, yet the eager call spends many times that in Python launching the
+layers' small kernels one by one. The shape never changes, so the layers up to the one the pipeline
+reads are captured once as a CUDA graph and replayed per prompt (the gain: docs/performance.md).
 
 `TextEncoderGraph.encode` computes exactly what `ZImagePipeline._encode_prompt` does (same chat
 template, padding, causal mask over the padded prompt, same layers); `install` routes the pipeline's

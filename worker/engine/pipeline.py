@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from worker import model_source
+from shared import archs
+from worker.engine import emulation, model_source
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,15 @@ ModelNotFound = model_source.ModelNotFound
 
 
 def default_dtype(device: str):
-    """bf16 on a GPU that computes it natively (compute capability >= 8.0), else float32."""
+    """bf16 on a GPU that computes it natively (compute capability >= 8.0, and not playing an older
+    architecture: `worker.engine.emulation`), else float32."""
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
         major, _ = torch.cuda.get_device_capability()
+        emulated = emulation.active()
+        if emulated is not None and not emulated.meets(archs.BF16):
+            major = 7
         if major >= 8:
             return torch.bfloat16
         log.warning("this GPU (compute capability %d.x) has no native bf16: loading float32 "
@@ -60,7 +65,7 @@ def _load(folder: str, dtype, gpu_components, device: str):
 
 def load_pipeline(model: str, dtype, cache_dir: str = "", gpu_components=(), device: str = "cuda"):
     """Load the pipeline named by `model` (local folder, `modelscope:ORG/NAME` or Hugging Face id,
-    resolved by `worker.model_source`) with weights in `dtype`.
+    resolved by `worker.engine.model_source`) with weights in `dtype`.
 
     `gpu_components` (names from COMPONENTS) load straight onto `device`; the rest load on the CPU.
     Raises ModelNotFound when no source has the model.

@@ -11,8 +11,8 @@ be exercised on a CPU in seconds.
 with random bf16 weights, about 20 GB: same compute and memory as Z-Image-Turbo, noise for pixels. The
 GPU benchmark (`bench/profiles.py`) measures the profiles on it.
 
-    python -m worker.tiny DIR            # tiny
-    python -m worker.tiny --full DIR     # full size (a GPU makes it much faster to build)
+    python -m worker.engine.tiny DIR            # tiny
+    python -m worker.engine.tiny --full DIR     # full size (a GPU makes it much faster to build)
 """
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def build_full(out: str | Path, device: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.tiny",
+    parser = argparse.ArgumentParser(prog="python -m worker.engine.tiny",
                                      description="Write a random-weight ZImagePipeline (it renders noise).")
     parser.add_argument("dir")
     parser.add_argument("--full", action="store_true", help="full-size architecture, bf16 (about 20 GB)")

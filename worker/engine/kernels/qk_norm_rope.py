@@ -2,18 +2,15 @@
 projection and attention: the RMS norm of every head (with its weight) and the rotary embedding, for
 q and k in one launch.
 
-Compiled by inductor, the same steps were two looped row reductions an attention (one for q, one for
-k), 40 ms of an image's 0.57 s of kernels on an H100 (bench/results/): each reads its 32 MB and writes
-32 MB at well under the card's bandwidth. Here one program holds one token's 30 heads of q (or of k).
-A first version that loaded the even and the odd values of each rotation pair apart took 0.53 ms a
-call on an H200 (0.594 -> 0.668 s an image). This one reads and writes whole rows and pairs the values
-in registers; compiled for sm_90 (no GPU needed, tests/test_qk_kernel.py) every global load and store
-of it is 16 bytes wide, where the first version's were 2-byte loads. On an H100 it takes 0.049 ms a
-call against inductor's 0.172 ms (`python -m bench.kernels --only qk`), and the image 0.575 s against
-0.595 s without it.
+Compiled by inductor, the same steps are two looped row reductions an attention (one for q, one for
+k), each reading and writing its rows at well under the card's bandwidth. Here one program holds one
+token's 30 heads of q (or of k), reads and writes whole rows, and pairs each value with its rotation
+partner in registers, so every global access is 16 bytes wide (tests/test_qk_kernel.py pins that in
+the code compiled for sm_90). Its speed, and that of the versions before it, is in docs/performance.md
+(`python -m bench.kernels --only qk` measures it).
 
 The arithmetic is diffusers' eager arithmetic: the norm in float32, rounded to the weight's dtype,
-times the weight, rounded again, then the rotation in float32 (`worker.rope`) and a last rounding
+times the weight, rounded again, then the rotation in float32 (`worker.engine.rope`) and a last rounding
 (each rounding a no-op for float32 weights).
 
 `qk_norm_rope` is a torch custom op, opaque to `torch.compile`; `qk_norm_rope_inline` is the same
@@ -26,7 +23,7 @@ import functools
 
 import torch
 
-from worker.rope import rotate_real
+from worker.engine.rope import rotate_real
 
 # 8 warps: 16 values a thread, and the compiled code pairs them with no trip through shared memory
 # (at 4 warps it takes one, with barriers: sm_90 code from Triton 3.6.0, 288 against 496 instructions).

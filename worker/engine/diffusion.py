@@ -20,8 +20,9 @@ import time
 from collections import OrderedDict
 
 from shared import profiles
+from shared.errors import BadOutput, NoWorkingProfile, OutOfMemory
 from shared.schema import JobSpec
-from worker.render import OutOfMemory, RenderResult, encode_png
+from worker.engine.render import RenderResult, encode_png
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,56 @@ def compile_summary(before: dict) -> dict:
             for key in after}
 
 
+# A self-test image whose pixels spread less than this (on a 0..1 scale) is constant: black, grey or
+# one colour. A real warm-up image, even of random weights, varies far more.
+MIN_PIXEL_STD = 1e-3
+# Exception text that marks a card lacking a kernel or type, as opposed to a bug.
+_UNSUPPORTED_TEXT = ("not supported", "NOT_SUPPORTED", "not implemented", "no kernel image", "Unsupported")
+
+
+def check_pixels(images) -> dict:
+    """The self-test of a decoded image batch (float, 0..1): raises BadOutput when any value is not finite
+    or the image is constant; else returns its mean and spread."""
+    import torch
+
+    values = images.float()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        raise BadOutput(f"{int((~finite).sum())} of {values.numel()} pixel values are NaN or infinite")
+    spread = float(values.std())
+    if spread < MIN_PIXEL_STD:
+        raise BadOutput(f"the image is constant (mean {float(values.mean()):.3f}, spread {spread:.2g})")
+    return {"finite": True, "mean": round(float(values.mean()), 4), "std": round(spread, 4)}
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What kind of boot failure `exc` is: out-of-memory, bad-output, compile, unsupported or error."""
+    if isinstance(exc, BadOutput):
+        return "bad-output"
+    if isinstance(exc, (RuntimeError, MemoryError)) and is_out_of_memory(exc):
+        return "out-of-memory"
+    names = " ".join(type(e).__name__ + " " + type(e).__module__ for e in _chain(exc))
+    text = " ".join(str(e) for e in _chain(exc))
+    if any(t in text for t in _UNSUPPORTED_TEXT) or isinstance(exc, NotImplementedError):
+        return "unsupported"
+    if any(k in names for k in ("torch._dynamo", "torch._inductor", "triton", "BackendCompilerFailed",
+                                "InductorError", "CompilationError")):
+        return "compile"
+    return "error"
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
 class DiffusionRenderer:
     def __init__(self, settings, boot, table: dict | None = None):
         self.settings = settings
@@ -128,7 +179,11 @@ class DiffusionRenderer:
         # warm-up. Cold start is judged by the sum; this says which part to work on.
         self.load_stages_s: dict[str, float] = {}
         self.compile_cache_dir = None
-        self.downgrades: list[dict] = []
+        self.downgrades: list[dict] = []       # out-of-memory step-downs while rendering
+        self.boot_attempts: list[dict] = []    # each profile tried at load: {profile, kind, error}
+        self.boot_step_down: dict = {}         # {from, to, reason, attempts} when the chosen one failed
+        self.self_test: dict = {}              # the warm-up image's check
+        self.loading_profile = ""              # the profile being loaded (or last loaded)
         self._versions: dict = {}
         # prompt text -> the text encoder's output for it (a list of one tensor, as the pipeline takes
         # it), kept on the CPU: on the GPU 256 long prompts would take up to 0.6 GiB, more than the
@@ -139,8 +194,14 @@ class DiffusionRenderer:
 
     # Loading
     def load(self) -> None:
-        """Blocking: load the pipeline, apply the profile, then warm up (`settings.warmup`). The worker
-        reports itself ready only once this returns, so the first job does not pay for compiling."""
+        """Blocking: load the pipeline, apply the profile, then warm up and self-test (`settings.warmup`).
+        The worker reports itself ready only once this returns, so the first job does not pay for
+        compiling and a card that cannot render the profile never serves it.
+
+        When the chosen profile fails (a compile error, an unsupported op, out of memory, or images that
+        are not finite or are constant), its resources are freed and the next of `boot.fallbacks` is
+        tried, in order; `boot_step_down` says from which, to which and why. Raises NoWorkingProfile,
+        naming each profile tried with its error, when every one fails."""
         if self.device == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
         self.compile_cache_dir = use_compile_cache(self.settings.compile_cache_dir)
@@ -155,39 +216,71 @@ class DiffusionRenderer:
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, self.boot.cap_gib * 2**30 / total))
         self.load_stages_s = {"imports": round(t1 - t0, 2), "cuda_init": round(time.monotonic() - t1, 2)}
-        self._load_profile(self.profile)
-        if self.settings.warmup:
-            self._warm_up()
-            self.load_stages_s["warmup"] = self.warmup_s
+        order = [self.profile] + [c.profile for c in getattr(self.boot, "fallbacks", ())]
+        self.boot_attempts = []
+        for name in order:
+            try:
+                self._load_profile(name)
+                if self.settings.warmup:
+                    self._warm_up()
+                    self.load_stages_s["warmup"] = self.warmup_s
+                else:
+                    self.self_test = {"skipped": "ZFARM_WARMUP is off: no warm-up image to check"}
+            except Exception as exc:  # a profile this card cannot run: record why, free it, try the next
+                failure = {"profile": name, "kind": failure_kind(exc), "error": _one_line(exc)}
+                self.boot_attempts.append(failure)
+                log.error("profile %s failed its boot self-test (%s): %s", name, failure["kind"], failure["error"])
+                self._discard_failed_profile()
+                continue
+            self.boot_attempts.append({"profile": name, "kind": "ok", "error": ""})
+            if name != order[0]:
+                first = self.boot_attempts[0]
+                self.boot_step_down = {"from": order[0], "to": name, "reason": f"{first['kind']}: {first['error']}",
+                                       "attempts": list(self.boot_attempts)}
+                log.warning("stepped down from %s to %s: %s", order[0], name, self.boot_step_down["reason"])
+            self.profile = name
+            return
+        raise NoWorkingProfile(self.boot_attempts)
+
+    def _discard_failed_profile(self) -> None:
+        """Free what a failed profile left: its pipeline, compiled graphs and cached prompt embeddings."""
+        import torch
+
+        self._release(drop_pipeline=True)
+        self._prompt_cache.clear()
+        torch._dynamo.reset()
 
     def _warm_up(self) -> None:
-        """One 1-step call, output discarded: compiled profiles compile here, or read the compile cache.
+        """One 1-step call: compiled profiles compile here, or read the compile cache. It is also the boot
+        self-test: its image must be finite and not constant (fp8 or fp16 overflow renders NaN or black).
         An error fails the load like any other: a worker that cannot render must not report ready."""
         import torch
 
         side = WARMUP_PX[self.device]
         compiled_before = compile_state()
         t0 = time.monotonic()
-        self.pipe(prompt=WARMUP_PROMPT, height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
-                  generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+        out = self.pipe(prompt=WARMUP_PROMPT, height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
+                        generator=torch.Generator("cpu").manual_seed(0), output_type="pt")
         self.warmup_s = round(time.monotonic() - t0, 2)
         self.warmup_compile = compile_summary(compiled_before)
-        log.info("warm-up call (%dx%d, 1 step) took %.1f s; compiling in it: %s", side, side, self.warmup_s,
-                 self.warmup_compile)
+        self.self_test = check_pixels(out.images)
+        log.info("warm-up call (%dx%d, 1 step) took %.1f s; compiling in it: %s; self-test %s", side, side,
+                 self.warmup_s, self.warmup_compile, self.self_test)
 
     def _load_profile(self, name: str) -> None:
         import torch
 
-        from worker import offload, pipeline
+        from worker.engine import pipeline, placement, specs
 
-        applied = name if self.device == "cuda" else offload.CPU_PROFILE
+        applied = name if self.device == "cuda" else specs.CPU_PROFILE
+        self.loading_profile = name
         t0 = time.monotonic()
         dtype = torch.float32 if applied == "cpu" else pipeline.default_dtype(self.device)
-        gpu_parts = offload.gpu_components(applied) if self.device == "cuda" else ()
+        gpu_parts = specs.gpu_components(applied) if self.device == "cuda" else ()
         pipe = pipeline.load_pipeline(self.settings.model, dtype, self.settings.model_cache_dir,
                                       gpu_components=gpu_parts, device=self.device)
         t1 = time.monotonic()
-        offload.apply_profile(pipe, applied, self.device)
+        placement.apply_profile(pipe, applied, self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.applied, self.dtype = pipe, applied, dtype
         self.load_s = round(time.monotonic() - t0, 2)
@@ -220,7 +313,7 @@ class DiffusionRenderer:
 
     def table(self) -> dict:
         if self._table is None:
-            self._table = profiles.load_table()
+            self._table = profiles.load_table(self.settings.profile_table)
         return self._table
 
     # Rendering
@@ -233,7 +326,9 @@ class DiffusionRenderer:
                 "compile_cache_dir": self.compile_cache_dir,
                 "prompt_cache": {"size": self.settings.prompt_cache_size, "entries": len(self._prompt_cache),
                                  "hits": self.prompt_cache_hits, "misses": self.prompt_cache_misses},
-                "downgrades": list(self.downgrades), "versions": dict(self._versions)}
+                "downgrades": list(self.downgrades), "boot_step_down": dict(self.boot_step_down),
+                "boot_attempts": list(self.boot_attempts), "self_test": dict(self.self_test),
+                "versions": dict(self._versions)}
 
     def _prompt_embeds(self, text: str) -> tuple[list, bool]:
         """(the text encoder's output for `text` on the pipeline's device, whether it came from the cache).
@@ -302,7 +397,8 @@ class DiffusionRenderer:
             # The pipeline stays usable after an out-of-memory error: keep it unless we step down.
             self._release(drop_pipeline=False)
             lower = profiles.step_down(self.table(), self.boot.vram_class, failed,
-                                       ram_gib=self.boot.host_ram_gib or None, allow_lossy=self.settings.allow_lossy)
+                                       ram_gib=self.boot.host_ram_gib or None, allow_lossy=self.settings.allow_lossy,
+                                       caps=getattr(self.boot, "capabilities", None))
             if lower is None:
                 raise OutOfMemory(f"out of memory on profile {failed} ({spec.width}x{spec.height}) and no measured "
                                   f"profile needs less VRAM for class {profiles.class_label(self.boot.vram_class)}: "
@@ -326,5 +422,11 @@ class DiffusionRenderer:
                  "render_s": round(render_s, 3), "prompt_cache_hit": prompt_cache_hit,
                  "versions": dict(self._versions)}
         if downgraded_from:
-            facts["downgraded_from"] = downgraded_from
+            # This very render stepped down: the worker's profile changes from here on.
+            facts.update(oom_step_down={"from": downgraded_from, "to": self.profile})
+        if self.downgrades:
+            facts.update(downgraded_from=self.downgrades[-1]["from"],
+                         downgrade_reason=f"out-of-memory: {self.downgrades[-1]['error']}")
+        elif self.boot_step_down:
+            facts.update(downgraded_from=self.boot_step_down["from"], downgrade_reason=self.boot_step_down["reason"])
         return RenderResult(png=encode_png(image, spec, facts), render_s=render_s, facts=facts)

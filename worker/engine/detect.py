@@ -1,16 +1,19 @@
-"""What this worker runs on: GPU, VRAM class, host RAM, and the profile it will use.
+"""What this worker runs on: GPU, architecture and its capabilities, VRAM class, host RAM, and the
+profile it will use (with the ones it steps down to if that one fails its boot self-test).
 
 Runs in the Celery parent before the pool forks, so it must not create a CUDA context (a CUDA
-context in the parent breaks the forked children): NVML reads the card without one.
+context in the parent breaks the forked children): NVML reads the card without one, and the torch and
+Triton versions come from package metadata, without importing them.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
 
-from shared import profiles
+from shared import archs, profiles
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,15 @@ class BootInfo:
     compute_capability: str
     host_ram_gib: float
     choice: profiles.Choice
+    arch: str = ""                          # "sm_86"; the emulated one under ZFARM_EMULATE_ARCH
+    capabilities: archs.Capabilities | None = None   # None on the CPU
+    fallbacks: tuple = ()                   # Choices to step down to, in order, if `choice` fails its self-test
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["choice"] = self.choice.to_dict()
+        out["capabilities"] = self.capabilities.to_dict() if self.capabilities else None
+        out["fallbacks"] = [c.profile for c in self.fallbacks]
         return out
 
 
@@ -85,9 +93,28 @@ def host_ram_gib() -> float:
         return 0.0
 
 
+def package_version(name: str) -> str:
+    """An installed package's version, read from its metadata (nothing imported); "" when absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def card_capabilities(gpu: GpuInfo, emulate_arch: str = "") -> archs.Capabilities:
+    """What `gpu` can do with the torch and Triton installed here; with `emulate_arch`, what a card of
+    that architecture could (and the engine then plays it: `worker.engine.emulation`)."""
+    torch_version, triton_version = package_version("torch"), package_version("triton")
+    real = archs.arch_name(gpu.compute_capability)
+    if emulate_arch:
+        return archs.capabilities(archs.parse_arch(emulate_arch).name, torch_version, triton_version, emulated_on=real)
+    return archs.capabilities(real, torch_version, triton_version)
+
+
 def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = None) -> BootInfo:
-    """Detect the card (or take the override), its class, and choose the profile from the table."""
-    table = profiles.load_table() if table is None else table
+    """Detect the card (or take the override), its class and capabilities, and choose the profile (and
+    the ones to step down to) from the table."""
+    table = profiles.load_table(settings.profile_table) if table is None else table
     gpus = nvml_gpus() if gpus is None else gpus
     ram_gib = settings.ram_gb or host_ram_gib()
     host = socket.gethostname()
@@ -105,11 +132,15 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
             if vram_class is None:
                 log.warning("%s has %.1f GiB, below the smallest class: rendering on the CPU", gpu.name, gpu.total_gib)
         if vram_class is not None:
+            caps = card_capabilities(gpu, settings.emulate_arch)
             choice = profiles.choose(table, vram_class, ram_gib, forced=settings.profile,
-                                     allow_lossy=settings.allow_lossy)
+                                     allow_lossy=settings.allow_lossy, caps=caps)
+            fallbacks = () if settings.profile else tuple(
+                profiles.fallbacks(table, choice, ram_gib, settings.allow_lossy, caps))
             return BootInfo(host=host, device="cuda", gpu=gpu.name, vram_gib=vram_gib, vram_class=vram_class,
                             cap_gib=cap_gib, compute_capability=gpu.compute_capability,
-                            host_ram_gib=round(ram_gib, 1), choice=choice)
+                            host_ram_gib=round(ram_gib, 1), choice=choice, arch=caps.arch, capabilities=caps,
+                            fallbacks=fallbacks)
     # CPU: the override only sets the class registered and the queues served (for tests and
     # simulated fleets); the render itself runs on the CPU.
     if settings.vram_gb:
@@ -121,8 +152,9 @@ def detect(settings, table: dict | None = None, gpus: list[GpuInfo] | None = Non
             choice = profiles.Choice(vram_class, settings.profile or profiles.CPU_CLASS, None, None, None,
                                      profiles.REFERENCE_PIXELS, profiles.CLASS_CAPS_GIB[vram_class])
         return BootInfo(host=host, device="cpu", gpu="cpu", vram_gib=settings.vram_gb, vram_class=vram_class,
-                        cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice)
+                        cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice,
+                        arch="cpu")
     choice = profiles.choose(table, profiles.CPU_CLASS, ram_gib, forced=settings.profile,
                              allow_lossy=settings.allow_lossy)
     return BootInfo(host=host, device="cpu", gpu="cpu", vram_gib=0.0, vram_class=profiles.CPU_CLASS,
-                    cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice)
+                    cap_gib=None, compute_capability="", host_ram_gib=round(ram_gib, 1), choice=choice, arch="cpu")

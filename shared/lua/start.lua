@@ -1,0 +1,29 @@
+-- Start a job: a worker claims it before rendering.
+-- needs: stored_tier
+-- KEYS[1] counts    the batch's counts hash (queued, running, queued:<tier>)
+-- KEYS[2] states    the batch's states hash (index -> running|done|failed|cancelled)
+-- KEYS[3] running   the batch's running hash (index -> the claiming worker instance)
+-- KEYS[4] meta      the batch's metadata hash (cancelled)
+-- KEYS[5] attempts  the batch's attempts hash (index -> times started)
+-- KEYS[6] jobs      the batch's jobs hash (index -> job wire JSON)
+-- ARGV[1] index          the job's index
+-- ARGV[2] claim          the worker instance, name/instance
+-- ARGV[3] tier           the message's tier, used only when the stored job has none
+-- ARGV[4] max_attempts   starts allowed before the job is given up
+-- Returns 'run' to render; 'done', 'failed' or 'cancelled' to skip; 'unknown' for a job not on
+-- record; 'exhausted' when it was started max_attempts times already.
+local counts, states, running, meta, attempts, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local index, claim, tier, max_attempts = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+
+local st = redis.call('HGET', states, index)
+if st == 'done' or st == 'failed' or st == 'cancelled' then return st end
+if redis.call('HEXISTS', jobs, index) == 0 then return 'unknown' end
+if not st and redis.call('HGET', meta, 'cancelled') == '1' then return 'cancelled' end
+if redis.call('HINCRBY', attempts, index, 1) > max_attempts then return 'exhausted' end
+redis.call('HSET', running, index, claim)
+if st == 'running' then return 'run' end
+redis.call('HSET', states, index, 'running')
+redis.call('HINCRBY', counts, 'queued', -1)
+redis.call('HINCRBY', counts, 'queued:' .. stored_tier(jobs, index, tier), -1)
+redis.call('HINCRBY', counts, 'running', 1)
+return 'run'
