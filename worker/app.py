@@ -45,8 +45,10 @@ def celery_config(settings, table: dict) -> dict:
             # twice; jobs of dead workers are handed back sooner by the registry sweep (worker.sweeper).
             "visibility_timeout": routing.visibility_timeout_s(table, settings.job_margin),
             "queue_order_strategy": "worker.queue_order:ZfarmCycle",
-            "unacked_restore_interval": 10,
-            "unacked_restore_throttle": 3,
+            # kombu's restore of messages unacked past the visibility timeout (hours): once a minute
+            # is plenty; the registry sweep hands back a dead worker's jobs within a TTL.
+            "unacked_restore_interval": 60,
+            "unacked_restore_throttle": 1,
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 10,

@@ -108,10 +108,11 @@ def restore(client: redis.Redis, tag: bytes) -> bool:
     return client.transaction(transaction, keys.KOMBU_UNACKED, value_from_callable=True)
 
 
-def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> int:
+def sweep_dead_claims(client: redis.Redis, lock_s: float | None, min_age_s: float) -> int:
     """Restore every unacked job message, taken at least `min_age_s` ago, that no live worker
-    instance claims in the ledger. Returns how many."""
-    if not client.set(keys.SWEEP_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
+    instance claims in the ledger. Returns how many. With `lock_s`, only if this call takes the sweep
+    lock for that long; None when the caller holds it (`worker.housekeeping`)."""
+    if lock_s is not None and not client.set(keys.SWEEP_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
         return 0
     taken = dict(client.zrangebyscore(keys.KOMBU_UNACKED_INDEX, 0, time.time() - min_age_s, withscores=True))
     if not taken:
@@ -213,18 +214,23 @@ def jobs_without_message(client: redis.Redis, queues: list[str]) -> dict[str, li
 
 
 def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, confirm_s: float,
-                      lock_s: float) -> int:
+                      lock_s: float | None) -> int:
     """Queue again every unfinished job that has had no message for at least `confirm_s`, going by
     the suspects earlier calls recorded. Returns how many. `queues` is every job queue workers
     consume; a job whose queue is not among them is left alone (no worker would take it anyway)."""
-    if not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
+    if lock_s is not None and not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
         return 0
     if message_deficit(client, queues) <= 0:
         client.delete(keys.LOST_SUSPECTS)
         return 0
     # The full read below is heavy on a long queue: at most two or three of them per confirm period,
     # even where a deficit persists that no scan can resolve (a lane beyond the workers' ZFARM_LANES).
-    client.set(keys.LOST_SCAN_LOCK, b"1", px=int(max(lock_s, confirm_s / 2) * 1000))
+    throttle_px = int(max(lock_s or 0, confirm_s / 2) * 1000)
+    if lock_s is None:
+        if not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=throttle_px):
+            return 0
+    else:
+        client.set(keys.LOST_SCAN_LOCK, b"1", px=throttle_px)
     now = time.time()
     lost = jobs_without_message(client, queues)
     refs = {f"{batch_id}/{index}": (batch_id, index) for batch_id, indexes in lost.items() for index in indexes}
