@@ -25,10 +25,14 @@ import binascii
 import json
 import logging
 import math
+import time
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps
 
+from shared import lua
 from shared.errors import Refused
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
@@ -216,10 +220,28 @@ def hand_back_unrecorded(client) -> int:
 
 
 class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, each record and ack one script (`shared/lua/unacked_*.lua`) instead of a
+    MULTI/EXEC of two commands: the same keys and values, one command from the worker instead of four."""
+
     def append(self, message, delivery_tag):
-        super().append(message, delivery_tag)
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            _script(client, "unacked_add")(keys=[self.unacked_index_key, self.unacked_key],
+                                          args=[delivery_tag, time.time(), entry])
+        kombu_virtual.QoS.append(self, message, delivery_tag)
         # In the unacked hash now: from here kombu's restore and zfarm's sweep can find it.
         self.channel._popped = None
+
+    def ack(self, delivery_tag):
+        with self.channel.conn_or_acquire() as client:
+            _script(client, "unacked_remove")(keys=[self.unacked_index_key, self.unacked_key], args=[delivery_tag])
+        kombu_virtual.QoS.ack(self, delivery_tag)
+
+
+def _script(client, name: str):
+    """Script `name` of shared/lua on `client`: EVALSHA, loaded once per Redis (again after a restart)."""
+    return client.register_script(lua.source(name))
 
 
 class Channel(kombu_redis.Channel):
