@@ -39,7 +39,8 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from farm import RedisServer, WorkerProcess, base_env, wait_for  # noqa: E402  (tests/farm.py)
+from farm import (RedisServer, WorkerProcess, base_env, wait_for,  # noqa: E402  (tests/farm.py)
+                  workers_blocked_on_job_queues)
 from shared import keys, profiles, registry  # noqa: E402
 
 MEASURED_TABLE = REPO / "bench" / "results" / "profile_table.json"
@@ -108,9 +109,13 @@ def measure(args) -> dict:
             out["memory_per_queued_job_bytes"] = round((after["used_memory"] - before["used_memory"]) / 10_000)
             client.flushall()
 
-            # 2. The idle fleet.
+            # 2. The idle fleet: what starting it cost, then what it costs idle.
             before = stats(client)
             idle = start_fleet(server, tmp, args.idle_workers, 1.0, "idle")
+            wait_for(lambda: workers_blocked_on_job_queues(client) >= args.idle_workers, 120, interval_s=0.5,
+                     what="every worker to block on its job queues")
+            started = delta(before, stats(client))
+            out["commands_per_worker_start"] = round(started["commands"] / args.idle_workers)
             time.sleep(5)  # let the first heartbeats and sweeps land before sampling memory
             settled = stats(client)
             registry_bytes = sum(client.memory_usage(k) or 0 for k in client.scan_iter(f"{keys.PREFIX}:worker:*"))
@@ -138,6 +143,7 @@ def measure(args) -> dict:
             background = {"cpu_s": base["cpu_s"] / base["seconds"], "commands": base["commands"] / base["seconds"],
                           "net": base["net"] / base["seconds"]}
             out["throughput"] = run_batch(farm, client, args.jobs, background)
+            out["paced"] = run_paced(farm, client, args.paced_jobs_per_s, args.paced_s, background)
             events = subscribe_events(server.url)
             from celery import Celery
 
@@ -209,24 +215,65 @@ def run_batch(farm, client, n: int, background: dict, events: EventCounter | Non
     return row
 
 
+def per_batch_commands(workers: int, tiers: int, lanes: int = 4) -> int:
+    """Commands a submit spends besides its jobs: the registry read (SMEMBERS, two HGETALL a live
+    worker), the lane pick (an LLEN per lane and tier, INCRBY) and the batch's transaction
+    (WATCH, MULTI, 3 HSET, ZADD, SADD, EXEC and an LPUSH per queue)."""
+    return 1 + 2 * workers + lanes * tiers + 1 + 8 + tiers
+
+
+def sweep_commands_per_s(queues: int, active_batches: int, heartbeat_s: float, tiers: int) -> float:
+    """The housekeeping lock's holder, each period with batches active: SMEMBERS, the deficit script
+    (EVAL, an LLEN per queue, an HGET per active batch and tier, HLEN) and the suspects' DEL."""
+    return (1 + 1 + queues + active_batches * (1 + tiers) + 1 + 1) / heartbeat_s
+
+
+def run_paced(farm, client, jobs_per_s: float, seconds: float, background: dict) -> dict:
+    """Jobs at a set rate (batches of 10), as a fleet below its ceiling sees them: Redis spends more
+    CPU a command when few arrive at a time (each wakes its event loop on its own)."""
+    a = stats(client)
+    batches, t0 = [], time.time()
+    for n in range(int(jobs_per_s * seconds / 10)):
+        wait_until = t0 + n * 10 / jobs_per_s
+        time.sleep(max(0.0, wait_until - time.time()))  # pacing: the submit schedule, not a wait on a condition
+        batches.append(farm.submit([{"prompt": f"paced {n} {i}", "seed": i, "width": 512, "height": 512, "steps": 1}
+                                    for i in range(10)]))
+    wait_for(lambda: all(b.status()["finished_at"] for b in batches), 120, interval_s=0.5, what="the paced batches")
+    d = delta(a, stats(client))
+    n = 10 * len(batches)
+    return {"jobs": n, "jobs_per_s": jobs_per_s, "batch_jobs": 10,
+            "commands_per_job": round((d["commands"] - background["commands"] * d["seconds"]) / n, 1),
+            "cpu_ms_per_job": round(1000 * (d["cpu_s"] - background["cpu_s"] * d["seconds"]) / n, 4)}
+
+
 def model(m: dict, args) -> dict:
     """The ceilings per class, from the measured costs."""
     table = profiles.load_table(MEASURED_TABLE)
     cpu_job = m["throughput"]["cpu_ms_per_job"]
     cpu_job_events = m["with_events"]["cpu_ms_per_job"]
     cpu_worker_s = m["idle"]["cpu_ms_per_worker_s"]
+    cpu_per_command = cpu_job / m["throughput"]["commands_per_job"]
     budget_ms = 1000 * args.redis_cpu_budget
     rows = {}
     for vram_class, card in CARDS.items():
         s = profiles.choose(table, vram_class, 64).s_per_image
         jobs_per_worker_s = 1 / (s * args.job_units)
-        per_worker = jobs_per_worker_s * cpu_job + cpu_worker_s
-        per_worker_events = jobs_per_worker_s * cpu_job_events + cpu_worker_s
-        ceiling = int(budget_ms / per_worker)
+
+        def per_worker(cpu_per_job: float, n: int) -> float:
+            # Each worker's jobs, its idle-time background, and its share of the submits' registry reads.
+            batch = per_batch_commands(n, args.tiers) * cpu_per_command / args.batch_jobs
+            return jobs_per_worker_s * (cpu_per_job + batch) + cpu_worker_s
+
+        ceiling = 1
+        while (ceiling + 1) * per_worker(cpu_job, ceiling + 1) <= budget_ms:
+            ceiling += 1
+        with_flower = 1
+        while (with_flower + 1) * per_worker(cpu_job_events, with_flower + 1) <= budget_ms:
+            with_flower += 1
         rows[vram_class] = {
             "card": card, "s_per_image": s, "jobs_per_s_per_worker": round(jobs_per_worker_s, 3),
-            "redis_cpu_ms_per_worker_s": round(per_worker, 4), "ceiling_workers": ceiling,
-            "ceiling_workers_with_flower": int(budget_ms / per_worker_events),
+            "redis_cpu_ms_per_worker_s": round(per_worker(cpu_job, ceiling), 4), "ceiling_workers": ceiling,
+            "ceiling_workers_with_flower": with_flower,
             "jobs_per_s_at_ceiling": round(ceiling * jobs_per_worker_s),
             "s3_puts_per_s_at_ceiling": round(2 * ceiling * jobs_per_worker_s),
             "flower_events_per_s_at_ceiling": round(ceiling * (jobs_per_worker_s * m["with_events"]["events_per_job"]
@@ -235,19 +282,35 @@ def model(m: dict, args) -> dict:
                                                               + m["idle"]["net_bytes_per_worker_s"]) / 1e6, 1),
             "clients_at_ceiling": round(ceiling * m["clients_per_worker"]),
         }
-    return {"redis_cpu_budget_cores": args.redis_cpu_budget, "job": f"{REFERENCE_JOB} x{args.job_units} work units",
-            "classes": rows}
+    return {"redis_cpu_budget_cores": args.redis_cpu_budget,
+            "job": f"{REFERENCE_JOB} x{args.job_units} work units, batches of {args.batch_jobs} jobs",
+            "cpu_ms_per_command": round(cpu_per_command, 5), "classes": rows}
 
 
-def check_soak(m: dict, soak: dict) -> dict:
-    """Predict the soak's Redis CPU and commands from its jobs and worker-seconds; compare."""
+def check_soak(m: dict, soak: dict, args) -> dict:
+    """Predict the soak's Redis CPU and commands from its jobs, worker-seconds, batches, joins and
+    sweep periods; compare with what the soak measured."""
     jobs = soak["jobs_done_in_window"]
     worker_s = soak["workers_alive_mean"] * soak["duration_s"]
-    predicted_cpu_s = (jobs * m["throughput"]["cpu_ms_per_job"] + worker_s * m["idle"]["cpu_ms_per_worker_s"]) / 1000
+    workers = soak["workers_alive_mean"]
+    tiers = args.tiers
+    batches = soak["batches"]
+    joins = soak["events"]["join"]
+    periods_s = soak["duration_s"]
+    # The soak ran at ~18 jobs/s: Redis's CPU a command at that rate is the paced run's.
+    paced = m.get("paced") or m["throughput"]
+    cpu_per_command = paced["cpu_ms_per_job"] / paced["commands_per_job"]
+    extra_commands = (batches * per_batch_commands(round(workers), tiers)
+                      + joins * m.get("commands_per_worker_start", 0)
+                      + periods_s * sweep_commands_per_s(3 * tiers * 4, args.soak_active_batches, args.heartbeat_s, tiers))
+    predicted_cmds = (jobs * m["throughput"]["commands_per_job"] + worker_s * m["idle"]["commands_per_worker_s"]
+                      + extra_commands)
+    predicted_cpu_s = (jobs * m["throughput"]["commands_per_job"] * cpu_per_command
+                       + worker_s * m["idle"]["cpu_ms_per_worker_s"] + extra_commands * cpu_per_command) / 1000
     measured_cpu_s = soak["redis_per_job"]["cpu_ms"] * jobs / 1000
-    predicted_cmds = jobs * m["throughput"]["commands_per_job"] + worker_s * m["idle"]["commands_per_worker_s"]
     measured_cmds = soak["redis_per_job"]["commands"] * jobs
-    return {"jobs": jobs, "worker_seconds": round(worker_s),
+    return {"jobs": jobs, "worker_seconds": round(worker_s), "batches": batches, "joins": joins,
+            "extra_commands": round(extra_commands),
             "redis_cpu_s": {"predicted": round(predicted_cpu_s, 2), "measured": round(measured_cpu_s, 2),
                             "ratio": round(measured_cpu_s / predicted_cpu_s, 3)},
             "commands": {"predicted": round(predicted_cmds), "measured": round(measured_cmds),
@@ -261,6 +324,10 @@ def print_all(m: dict, mod: dict, check: dict | None) -> None:
           f"{t['cpu_ms_per_job']} ms CPU, {t['net_bytes_per_job']} B network; with task events: "
           f"{e['commands_per_job']} commands, {e['cpu_ms_per_job']} ms, {e['events_per_job']} events "
           f"({e['event_bytes_per_job']} B)")
+    if m.get("paced"):
+        p = m["paced"]
+        print(f"paced at {p['jobs_per_s']} jobs/s in batches of {p['batch_jobs']}: {p['commands_per_job']} commands, "
+              f"{p['cpu_ms_per_job']} ms CPU a job")
     print(f"per idle worker-second ({i['workers']} workers, {i['seconds']} s): {i['commands_per_worker_s']} commands, "
           f"{i['cpu_ms_per_worker_s']} ms CPU, {i['net_bytes_per_worker_s']} B network")
     print(f"memory: {m['memory_per_queued_job_bytes']} B per queued job, {m['memory_per_worker_bytes']} B per worker "
@@ -271,8 +338,11 @@ def print_all(m: dict, mod: dict, check: dict | None) -> None:
     print("  ".join(cols))
     for row in mod["classes"].values():
         print("  ".join(str(row[c]) for c in cols))
+    if m.get("commands_per_worker_start"):
+        print(f"a worker's start: {m['commands_per_worker_start']} commands (registration, its queues declared)")
     if check:
-        print(f"soak check: Redis CPU predicted {check['redis_cpu_s']['predicted']} s, measured "
+        print(f"soak check ({check['batches']} batches, {check['joins']} joins: {check['extra_commands']} commands "
+              f"besides jobs and workers): Redis CPU predicted {check['redis_cpu_s']['predicted']} s, measured "
               f"{check['redis_cpu_s']['measured']} s (x{check['redis_cpu_s']['ratio']}); commands predicted "
               f"{check['commands']['predicted']}, measured {check['commands']['measured']} (x{check['commands']['ratio']})")
 
@@ -283,9 +353,17 @@ def main(argv=None) -> int:
     ap.add_argument("--busy-workers", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--idle-s", type=float, default=30.0)
+    ap.add_argument("--paced-jobs-per-s", type=float, default=20.0, help="the paced run's rate (the soak's is ~18)")
+    ap.add_argument("--paced-s", type=float, default=30.0)
     ap.add_argument("--redis-cpu-budget", type=float, default=0.5,
                     help="share of one core Redis may use; the rest is headroom for bursts, AOF rewrites, failover")
     ap.add_argument("--job-units", type=float, default=1.0, help="the mean job, in 1024x1024 8-step images")
+    ap.add_argument("--batch-jobs", type=float, default=100.0,
+                    help="the mean batch: each submit reads the whole registry, so small batches cost more per job")
+    ap.add_argument("--tiers", type=int, default=4, help="size tiers of the profile table (4 for the measured one)")
+    ap.add_argument("--heartbeat-s", type=float, default=5.0)
+    ap.add_argument("--soak-active-batches", type=int, default=10,
+                    help="batches active at a time in the soak (its producers keep 20 s of work queued)")
     ap.add_argument("--worker-heartbeat-events-per-s", type=float, default=0.5,
                     help="Celery's worker-heartbeat events per worker-second (every 2 s by default)")
     ap.add_argument("--from", dest="from_file", help="read the measurements from this JSON instead of measuring")
@@ -294,7 +372,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     m = json.loads(Path(args.from_file).read_text())["measured"] if args.from_file else measure(args)
     mod = model(m, args)
-    check = check_soak(m, json.loads(Path(args.soak).read_text())) if args.soak else None
+    check = check_soak(m, json.loads(Path(args.soak).read_text()), args) if args.soak else None
     print_all(m, mod, check)
     if args.json:
         Path(args.json).write_text(json.dumps({"measured": m, "model": mod, "soak_check": check}, indent=1) + "\n")
