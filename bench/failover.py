@@ -14,8 +14,10 @@ once some jobs are done, and a producer submits a second batch at that moment. P
 - lost: jobs not final at the end, or done without both their PNG and sidecar stored.
 - stored twice: PNGs written more than once (S3 versions), and whether every version has the same bytes.
 - counted twice: renders counted more than once (the workers' jobs_done summed, less the ledger's done).
-- without progress s: between the last result stored before the kill and the first one after
-  (the workers' clocks, from the sidecars).
+- without progress s: between the last job the ledger recorded done before the kill and the first
+  one after (sampled every 50 ms through Sentinel).
+- written s: from the kill to the first result written to S3 after it (the sidecars' own time):
+  rendering and storing go on while Redis is away; recording waits for the promotion.
 - restarted: workers that exited or registered again as a new instance (none should).
 """
 from __future__ import annotations
@@ -42,7 +44,8 @@ from test_sentinel import SentinelRig, failover  # noqa: E402  (tests/test_senti
 COLUMNS = (("run", "run"), ("workers", "workers"), ("jobs", "jobs"), ("done", "done"), ("lost", "lost"),
            ("stored_twice", "stored twice"), ("same_bytes", "same bytes"), ("counted_twice", "counted twice"),
            ("promoted_after_s", "promoted s"), ("second_batch_accepted_after_s", "accepted s"),
-           ("seconds_without_progress", "without progress s"), ("workers_restarted", "restarted"))
+           ("seconds_without_progress", "without progress s"), ("first_result_written_after_kill_s", "written s"),
+           ("workers_restarted", "restarted"))
 
 
 def main(argv=None) -> int:
