@@ -12,7 +12,7 @@
 # arguments for `zfarm fetch-model` (e.g. "--bf16"). Prints no secret.
 set -euo pipefail
 
-: "${ZFARM_REDIS_URL:?set ZFARM_REDIS_URL (redis://:PASSWORD@HOST:6379/0)}"
+: "${ZFARM_REDIS_URL:?set ZFARM_REDIS_URL (sentinel://:PASSWORD@HOST:26379;... or redis://:PASSWORD@HOST:6379/0)}"
 : "${ZFARM_STORAGE_URL:?set ZFARM_STORAGE_URL (s3://bucket/prefix)}"
 
 if [[ ! -d "${ZFARM_MODEL:-}" ]]; then

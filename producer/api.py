@@ -53,8 +53,8 @@ class Farm:
         retried while Redis is unreachable; `on_redis_retry(error, retry_s)` hears of each such wait."""
         self.settings = settings
         retry_s = settings.producer_redis_retry_s if redis_retry_s is None else redis_retry_s
-        self.redis = redis_client if redis_client is not None else connect(settings.redis_url, retry_s,
-                                                                           on_redis_retry)
+        self.redis = redis_client if redis_client is not None else connect(
+            settings.redis_url, retry_s, on_redis_retry, master_name=settings.redis_master_name)
         self.table = profiles.load_table(settings.profile_table) if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None

@@ -511,13 +511,10 @@ def _flag(field_name: str) -> str:
 
 
 def _redact(url: str) -> str:
-    """A Redis URL without its password, for error messages."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    host = parsed.hostname or ""
-    netloc = f"{parsed.username or ''}:***@{host}" + (f":{parsed.port}" if parsed.port else "")
-    return parsed._replace(netloc=netloc).geturl()
+    """A Redis or Sentinel URL without its passwords, for error messages."""
+    from shared.redis_conn import redact
+
+    return redact(url)
 
 
 def _redis_url_for_message(args) -> str:
@@ -565,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
     except redis.AuthenticationError as exc:  # a ConnectionError to redis-py, but no retry mends it
         url = (args.redis_url if args is not None and args.redis_url else None) or Settings.from_env().redis_url
-        _say(f"zfarm: {redis_conn.auth_failure(_redact(url), urlparse(url).password is not None, exc)}")
+        has_password = any(urlparse(part).password is not None for part in url.split(";"))
+        _say(f"zfarm: {redis_conn.auth_failure(_redact(url), has_password, exc)}")
         return EXIT_UNAVAILABLE
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         _say(f"zfarm: cannot reach Redis at {_redis_url_for_message(args)}: {exc}")

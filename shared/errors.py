@@ -17,6 +17,10 @@ class SettingsError(ZfarmError, ValueError):
     """Raised when an environment variable holds a value of the wrong kind."""
 
 
+class RedisUrlError(ZfarmError, ValueError):
+    """Raised when a Redis or Sentinel URL cannot be read (no host, a bad port or database)."""
+
+
 class UsageError(ZfarmError, ValueError):
     """Raised when command-line options do not go together in a way argparse cannot see."""
 

@@ -16,6 +16,7 @@ import redis
 
 from shared import keys, lua
 from shared.errors import LedgerError
+from shared.registry import EMA_WEIGHT
 from shared.schema import Job, JobError, check_id, job_id
 from shared.wire import render_message
 
@@ -261,8 +262,10 @@ class Ledger:
 
     # Worker side
     def start(self, job: Job, worker: str, max_attempts: int = MAX_ATTEMPTS) -> str:
-        """'run' to render; 'done'/'failed'/'cancelled' to skip; 'unknown' for a job not on record;
-        'exhausted' when the job was started `max_attempts` times already."""
+        """'run' to render a queued job; 'rerun' to render one another delivery claimed before (look
+        again before storing: that delivery may still be rendering it); 'done'/'failed'/'cancelled' to
+        skip; 'unknown' for a job not on record; 'exhausted' when the job was started `max_attempts`
+        times already."""
         b = job.batch_id
         result = self._start(keys=[keys.batch_counts(b), keys.batch_states(b), keys.batch_running(b),
                                    keys.batch_meta(b), keys.batch_attempts(b), keys.batch_jobs(b)],
@@ -270,22 +273,25 @@ class Ledger:
         return result.decode() if isinstance(result, bytes) else result
 
     def finish(self, job_batch_id: str, index: int, outcome: str, reason: dict | None = None,
-               tier: str = "any", worker: str | None = None) -> bool:
+               tier: str = "any", worker: str | None = None, s_per_image: float | None = None) -> bool:
         """Record a job's final outcome once. Returns False if it was already final.
 
         `tier` counts only for a stored job without one: the stored job's tier is the truth.
         `worker`, when given, is the worker whose render this outcome is: its jobs_done or jobs_failed
-        goes up in the same atomic step. The client retries a call whose reply a Redis restart cut
-        off; counted apart, such a retry counted the job twice (or, for the transition, not at all)."""
+        goes up in the same atomic step, and `s_per_image` (this render's seconds per 1024x1024 8-step
+        image) goes into its moving-average speed. The client retries a call whose reply a Redis
+        restart cut off; counted apart, such a retry counted the job twice (or, for the transition,
+        not at all)."""
         if outcome not in ("done", "failed"):
             raise LedgerError(f"bad outcome {outcome}")
         reason_json = json.dumps(reason or {}, separators=(",", ":"))
         stats_key = [keys.worker_stats(worker)] if worker else []
+        sample = "" if s_per_image is None or s_per_image < 0 else f"{s_per_image:.6f}"
         b = job_batch_id
         n = self._finish(keys=[keys.batch_counts(b), keys.batch_states(b), keys.batch_running(b),
                                keys.batch_failures(b), keys.batch_meta(b), keys.ACTIVE_BATCHES, keys.FINISHED_EVENTS,
                                keys.batch_jobs(b), *stats_key],
-                         args=[index, outcome, reason_json, time.time(), job_batch_id, tier])
+                         args=[index, outcome, reason_json, time.time(), job_batch_id, tier, sample, EMA_WEIGHT])
         if n == -1:
             raise LedgerError(f"no job {index} in batch {job_batch_id}")
         return n == 1

@@ -32,13 +32,12 @@ def register(client: redis.Redis, info: dict, ttl_s: float) -> None:
 
 
 def heartbeat(client: redis.Redis, name: str, ttl_s: float, **fields) -> bool:
-    """Refresh the entry; False if it had expired (the worker was presumed dead) and must re-register."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.exists(keys.worker(name))
-        pipe.hset(keys.worker(name), mapping={"last_seen": str(time.time()), **{k: str(v) for k, v in fields.items()}})
-        pipe.pexpire(keys.worker(name), int(ttl_s * 1000))
-        existed, _, _ = pipe.execute()
-    return bool(existed)
+    """Refresh the entry; False if it had expired (the worker was presumed dead) and must re-register.
+    One script, one round trip (it was a MULTI/EXEC of five commands)."""
+    values = {"last_seen": str(time.time()), **{k: str(v) for k, v in fields.items()}}
+    flat = [item for pair in values.items() for item in pair]
+    script = client.register_script(lua.source("heartbeat"))  # EVALSHA; loaded again only if Redis lost it
+    return bool(script(keys=[keys.worker(name)], args=[int(ttl_s * 1000), *flat]))
 
 
 def deregister(client: redis.Redis, name: str) -> None:
@@ -51,8 +50,8 @@ def deregister(client: redis.Redis, name: str) -> None:
 def record_render_time(client: redis.Redis, name: str, render_s: float, pixel_steps_ratio: float = 1.0) -> None:
     """Fold a done job's render time, normalised to a 1024x1024 8-step image, into s_per_image.
 
-    The job counts (jobs_done, jobs_failed) go up with the ledger's transition (Ledger.finish), so
-    that a retried call cannot count a job twice."""
+    The render task does this inside `Ledger.finish` (its `s_per_image`), in the same step as the
+    job's transition and count; this stays for callers that record a speed on its own."""
     if pixel_steps_ratio <= 0:
         return
     stats_key = keys.worker_stats(name)

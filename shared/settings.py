@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from shared.errors import SettingsError
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+DEFAULT_REDIS_MASTER_NAME = "zfarm"
 
 
 def _env_field(env: str, default, doc: str, kind=str):
@@ -33,7 +34,12 @@ def _parse_bool(text: str) -> bool:
 class Settings:
     redis_url: str = _env_field(
         "ZFARM_REDIS_URL", "redis://localhost:6379/0",
-        "Broker and state store for jobs, batches and the worker registry.")
+        "Broker and state store for jobs, batches and the worker registry: redis://[:password@]host:port/db, "
+        "or through Sentinel, sentinel://[:password@]host:port[;sentinel://[:password@]host:port...][/db] "
+        "(the password also authenticates to the sentinels).")
+    redis_master_name: str = _env_field(
+        "ZFARM_REDIS_MASTER_NAME", DEFAULT_REDIS_MASTER_NAME,
+        "With a sentinel:// ZFARM_REDIS_URL: the name under which the sentinels monitor the primary.")
     producer_redis_retry_s: float = _env_field(
         "ZFARM_PRODUCER_REDIS_RETRY_S", 60.0,
         "How long a zfarm command (and the Python API) retries a Redis command while Redis is unreachable, "

@@ -79,12 +79,14 @@ def client_that_loses_one_reply(url: str) -> redis.Redis:
 class RedisServer:
     """A private redis-server on a free port; AOF persistence on request (restart tests)."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None):
+    def __init__(self, workdir: Path, appendonly: bool = False, password: str | None = None,
+                 replicaof: "RedisServer | None" = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.appendonly = appendonly
         self.password = password
+        self.replicaof = replicaof
         self.proc = None
 
     @property
@@ -98,7 +100,11 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed: run the README's test command, which installs it")
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "always", *(["--requirepass", self.password] if self.password else [])]
+                "--appendfsync", "always"]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replicaof is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replicaof.port)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
 
@@ -123,6 +129,89 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
+
+
+class SentinelGroup:
+    """A primary, its replica and three sentinels (quorum 2): Debian's redis-server, the sentinels
+    run as `redis-server FILE --sentinel`. One password for all of them, AOF on both data nodes.
+
+    `down_after_ms` is how long the sentinels wait before they call a silent primary down (Redis's
+    default is 30 s; the tests use 1 s)."""
+
+    def __init__(self, workdir: Path, password: str = "sentinel-test-pw", master_name: str = "zfarm",
+                 down_after_ms: int = 1000, sentinels: int = 3):
+        self.workdir = Path(workdir)
+        self.password = password
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+        self.primary = RedisServer(self.workdir / "primary", appendonly=True, password=password)
+        self.replica = RedisServer(self.workdir / "replica", appendonly=True, password=password,
+                                   replicaof=self.primary)
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.sentinel_procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """ZFARM_REDIS_URL in Celery's Sentinel form: every sentinel, the database at the end."""
+        return ";".join(f"sentinel://:{self.password}@127.0.0.1:{port}" for port in self.sentinel_ports) + "/0"
+
+    def start(self) -> "SentinelGroup":
+        self.primary.start()
+        self.replica.start()
+        binary = shutil.which("redis-server")
+        for n, port in enumerate(self.sentinel_ports):
+            folder = self.workdir / f"sentinel-{n}"
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "sentinel.conf"  # Sentinel rewrites its own file: a fresh, writable copy
+            config.write_text("\n".join([
+                f"port {port}", "bind 127.0.0.1", f"dir {folder}", f"requirepass {self.password}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.primary.port} 2",
+                f"sentinel auth-pass {self.master_name} {self.password}",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} 10000",
+                f"sentinel parallel-syncs {self.master_name} 1", ""]))
+            self.sentinel_procs.append(subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL,
+                                                        stderr=subprocess.DEVNULL))
+        others = len(self.sentinel_ports) - 1
+
+        def settled():
+            """Every sentinel sees the primary, its replica in sync, and the other sentinels."""
+            try:
+                if self.replica.client().info("replication").get("master_link_status") != "up":
+                    return False
+                for client in self.sentinel_clients():
+                    state = client.sentinel_master(self.master_name)
+                    if state["num-other-sentinels"] < others or state["num-slaves"] < 1:
+                        return False
+                return True
+            except (redis.ConnectionError, redis.ResponseError):
+                return False
+
+        wait_for(settled, 30, interval_s=0.1, what="the sentinels to see the primary, its replica and each other")
+        return self
+
+    def sentinel_clients(self) -> list[redis.Redis]:
+        return [redis.Redis(host="127.0.0.1", port=port, password=self.password, socket_timeout=2)
+                for port in self.sentinel_ports]
+
+    def current_primary_port(self) -> int:
+        for client in self.sentinel_clients():
+            try:
+                return int(client.sentinel_get_master_addr_by_name(self.master_name)[1])
+            except (redis.ConnectionError, TypeError):
+                continue
+        raise RuntimeError("no sentinel answers")
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in (self.primary, self.replica) if s.port == port)
+
+    def stop(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.replica.kill()
+        self.primary.kill()
 
 
 class S3Server:

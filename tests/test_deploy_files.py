@@ -93,18 +93,50 @@ def test_every_compose_file_validates_against_the_compose_spec(path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def is_sentinel(svc: dict) -> bool:
+    return is_redis(svc) and "--sentinel" in command_text(svc)
+
+
 def test_redis_requires_a_password_from_the_environment_and_keeps_an_append_only_file():
-    for file, name, svc in services(is_redis):
+    data_nodes = services(lambda s: is_redis(s) and not is_sentinel(s))
+    assert len(data_nodes) == 2, "a primary and a replica"
+    for file, name, svc in data_nodes:
         command = command_text(svc)
         assert re.search(r"--requirepass \$\{REDIS_PASSWORD:\?", command), f"{file}:{name} has no required password"
+        # A node Sentinel demotes must authenticate to the one it promoted.
+        assert re.search(r"--masterauth \$\{REDIS_PASSWORD:\?", command), f"{file}:{name} has no masterauth"
         assert "--appendonly yes" in command, f"{file}:{name} has no AOF"
         assert any(str(v).endswith(":/data") for v in svc.get("volumes", [])), f"{file}:{name} keeps no volume"
         assert "healthcheck" in svc
+    assert sum("--replicaof" in command_text(svc) for _f, _n, svc in data_nodes) == 1
 
 
-def test_every_redis_url_carries_the_password():
-    for file, name, svc in services(lambda s: "ZFARM_REDIS_URL" in (s.get("environment") or {})):
-        assert svc["environment"]["ZFARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?"), f"{file}:{name}"
+def test_three_sentinels_with_a_quorum_of_two_watch_the_primary_behind_the_password():
+    sentinels = services(is_sentinel)
+    assert len(sentinels) == 3
+    ports = set()
+    for file, name, svc in sentinels:
+        script = command_text(svc)
+        assert "requirepass $$REDIS_PASSWORD" in script and "sentinel auth-pass zfarm $$REDIS_PASSWORD" in script
+        assert "sentinel sentinel-pass $$REDIS_PASSWORD" in script
+        assert re.search(r"sentinel monitor zfarm \S+ 6379 2$", script, re.M), f"{file}:{name}"
+        assert svc["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+        # Sentinel rewrites its config: it lives on a volume, written on first start only.
+        assert any(str(v).endswith(":/data") for v in svc.get("volumes", [])), f"{file}:{name} keeps no volume"
+        ports.add(svc["environment"]["SENTINEL_PORT"])
+        assert "healthcheck" in svc
+    assert len(ports) == 3
+
+
+def test_every_redis_url_goes_through_every_sentinel_with_the_password():
+    sentinel_names = {name for _f, name, _svc in services(is_sentinel)}
+    clients = services(lambda s: "ZFARM_REDIS_URL" in (s.get("environment") or {}))
+    assert clients
+    for file, name, svc in clients:
+        parts = svc["environment"]["ZFARM_REDIS_URL"].split(";")
+        assert all(p.startswith("sentinel://:${REDIS_PASSWORD:?") for p in parts), f"{file}:{name}"
+        assert {p.split("@")[1].split(":")[0] for p in parts} == sentinel_names, f"{file}:{name}"
+        assert svc["environment"]["ZFARM_REDIS_MASTER_NAME"] == "zfarm"
 
 
 def test_flower_requires_basic_auth_with_credentials_from_the_environment():

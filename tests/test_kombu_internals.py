@@ -25,6 +25,11 @@ METHODS = [
     (kombu_redis.Channel, "_flush_brpop_reauth", []),
     (kombu_redis.Channel, "conn_or_acquire", ["client"]),
     (kombu_redis.QoS, "append", ["message", "delivery_tag"]),
+    (kombu_redis.QoS, "ack", ["delivery_tag"]),
+    (kombu_virtual.QoS, "append", ["message", "delivery_tag"]),
+    (kombu_virtual.QoS, "ack", ["delivery_tag"]),
+    (kombu_redis.Channel, "_connparams", ["asynchronous"]),
+    (kombu_redis.SentinelChannel, "_sentinel_managed_pool", ["asynchronous"]),
     (kombu_virtual.Transport, "_deliver", ["message", "queue"]),
     (round_robin_cycle, "consume", ["n"]),
     (round_robin_cycle, "rotate", ["last_used"]),
@@ -40,7 +45,12 @@ CHANNEL_ATTRIBUTES = ["_in_poll", "connection_errors", "visibility_timeout", "br
                       "client", "connection"]
 # worker.transport.Channel._brpop_read is kombu's own with one change (items are checked before
 # delivery): a new kombu body must be read and the copy brought up to date before this is changed.
-COPIED_BODIES = {(kombu_redis.Channel, "_brpop_read"): "c42518699709"}
+COPIED_BODIES = {(kombu_redis.Channel, "_brpop_read"): "c42518699709",
+                 # worker.transport.QoS writes the same keys and values, each in one script.
+                 (kombu_redis.QoS, "append"): "35c655f6ecc6",
+                 (kombu_redis.QoS, "ack"): "1bc15a4ddf54",
+                 # worker.transport.SentinelChannel's: kombu's, with the sentinels from a transport option.
+                 (kombu_redis.SentinelChannel, "_sentinel_managed_pool"): "bde54a2d6e93"}
 
 
 @pytest.mark.parametrize("owner, name, expected", METHODS, ids=[f"{o.__name__}.{n}" for o, n, _ in METHODS])
@@ -71,7 +81,7 @@ def test_a_kombu_method_the_transport_copies_is_unchanged(owner, name):
     fingerprint = hashlib.sha256(source.encode()).hexdigest()[:12]
     assert fingerprint == COPIED_BODIES[(owner, name)], (
         f"kombu's {owner.__qualname__}.{name} changed (fingerprint {fingerprint}): compare it with "
-        f"worker.transport.Channel.{name} and bring the copy up to date")
+        f"worker.transport's copy and bring it up to date")
 
 
 def test_the_worker_transport_is_kombus_redis_transport_with_zfarms_channel():
@@ -80,3 +90,15 @@ def test_the_worker_transport_is_kombus_redis_transport_with_zfarms_channel():
     assert issubclass(transport.Transport, kombu_redis.Transport)
     assert transport.Transport.Channel is transport.Channel
     assert issubclass(transport.Channel, kombu_redis.Channel) and transport.Channel.QoS is transport.QoS
+
+
+def test_the_sentinel_transport_is_kombus_with_the_same_hardened_channel():
+    from worker import transport
+
+    assert issubclass(transport.SentinelTransport, kombu_redis.SentinelTransport)
+    assert transport.SentinelTransport.Channel is transport.SentinelChannel
+    assert issubclass(transport.SentinelChannel, transport.Channel)
+    assert issubclass(transport.SentinelChannel, kombu_redis.SentinelChannel)
+    # kombu's Sentinel channel still keeps its managers where kombu closes them, and takes these options.
+    assert {"master_name", "sentinel_kwargs", "min_other_sentinels"} <= set(kombu_redis.SentinelChannel.from_transport_options)
+    assert "_sentinel_manager" in inspect.getsource(kombu_redis.Channel._disconnect_pools)

@@ -31,7 +31,7 @@ def install_sigterm_draining() -> None:
 
     def handler(signum, frame):
         try:
-            client = connect(settings.redis_url, retry_s=DRAIN_REDIS_RETRY_S)
+            client = connect(settings.redis_url, retry_s=DRAIN_REDIS_RETRY_S, master_name=settings.redis_master_name)
             client.hset(keys.worker(STATE.name), "state", "draining")
             client.pexpire(keys.worker(STATE.name), int((settings.shutdown_grace_s + settings.registry_ttl_s) * 1000))
         except Exception as exc:  # the shutdown must go on even when Redis is away

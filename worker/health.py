@@ -49,7 +49,8 @@ def check(settings: Settings, path: Path = NAME_FILE) -> tuple[bool, str]:
     if not name:
         return False, f"no worker name yet: ZFARM_WORKER_NAME is empty and {path} is missing"
     try:
-        alive = registry.is_alive(connect(settings.redis_url, retry_s=REDIS_RETRY_S), name)
+        alive = registry.is_alive(connect(settings.redis_url, retry_s=REDIS_RETRY_S,
+                                          master_name=settings.redis_master_name), name)
     except redis.RedisError as exc:
         return False, f"{name}: Redis unreachable ({type(exc).__name__})"
     return alive, f"{name}: {'registered' if alive else 'not registered (heartbeat stopped or expired)'}"

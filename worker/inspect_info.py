@@ -27,7 +27,8 @@ class InfoStep(bootsteps.StartStopStep):
                 "self_test": STATE.self_test,
                 **{k: v for k, v in STATE.step_down.items() if k != "boot_attempts"}}
         try:
-            client = connect(config.settings().redis_url, retry_s=STATS_REDIS_RETRY_S)
+            client = connect(config.settings().redis_url, retry_s=STATS_REDIS_RETRY_S,
+                             master_name=config.settings().redis_master_name)
             me = {w["name"]: w for w in registry.live_workers(client)}.get(STATE.name, {})
             info.update({"s_per_image": me.get("s_per_image"), "jobs_done": me.get("jobs_done"),
                          "jobs_failed": me.get("jobs_failed"), "profile": me.get("profile", boot.choice.profile)})

@@ -94,7 +94,7 @@ class RegistryStep(bootsteps.StartStopStep):
 
     def start(self, c):
         settings = config.settings()
-        self.client = connect(settings.redis_url)
+        self.client = connect(settings.redis_url, master_name=settings.redis_master_name)
         registry.register(self.client, registration(settings), settings.registry_ttl_s)
         if STATE.ready:
             self._consume(c)
@@ -132,7 +132,10 @@ class RegistryStep(bootsteps.StartStopStep):
                  " (woke the BRPOP in flight)" if woken else "")
 
     def _heartbeat(self, settings):
-        if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s):
+        from worker.sweeper import held_jobs
+
+        # The jobs held now: the sweep hands back a job a live worker claims but no longer holds.
+        if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s, jobs=held_jobs()):
             log.warning("registry entry of %s had expired; registering again", STATE.name)
             registry.register(self.client, registration(settings), settings.registry_ttl_s)
 

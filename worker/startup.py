@@ -30,7 +30,7 @@ def free_default_name(settings, boot) -> str:
     """`zimage-<class>@<host>`, or `zimage-<class>-2@<host>`... when a live worker holds it: two
     workers under one name would overwrite each other's registration and hand back each other's jobs."""
     label = profiles.class_label(boot.vram_class)
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, master_name=settings.redis_master_name)
     for n in range(1, MAX_SAME_NAME + 1):
         name = f"zimage-{label}{'' if n == 1 else f'-{n}'}@{boot.host}"
         if not registry.is_alive(client, name):
@@ -39,11 +39,11 @@ def free_default_name(settings, boot) -> str:
                      f"zimage-{label}-N@{boot.host}")
 
 
-def _stop_on_refused_credentials(url: str) -> None:
+def _stop_on_refused_credentials(url: str, master_name: str) -> None:
     """A wrong Redis password is a configuration error: stop at once (exit 78) with a message, instead of
     Celery's broker reconnect loop retrying it forever. An unreachable Redis is still waited for."""
     try:
-        redis_conn.check_credentials(url)
+        redis_conn.check_credentials(url, master_name=master_name)
     except redis_conn.RedisAuthError as exc:
         print(f"zfarm worker cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EX_CONFIG)
@@ -52,7 +52,7 @@ def _stop_on_refused_credentials(url: str) -> None:
 def on_celeryd_init(sender=None, instance=None, conf=None, options=None, **_):
     """Celery's `celeryd_init` signal, in the parent: fills `worker.state.STATE`."""
     settings, table = config.settings(), config.table()
-    _stop_on_refused_credentials(settings.redis_url)
+    _stop_on_refused_credentials(settings.redis_url, settings.redis_master_name)
     try:
         boot = detect.detect(settings, table)
     except (ProfileError, ValueError) as exc:

@@ -13,6 +13,13 @@ live worker that has just taken one has time to claim it. A message whose job is
 left alone: its worker is acking it (a draining worker acks only after its grace period), or died
 just before; kombu's visibility restore brings such a leftover back, to be skipped.
 
+A live claimant can also have let go of a job: after a Sentinel failover (or an AOF restart that lost
+its last second) the new primary may lack a job's finish and ack, which the worker ran on the old one
+before moving on, and still show the job running under its claim. Each heartbeat says which jobs the
+worker holds (`held_jobs`); a message whose claimant reported, after the message was taken, that it
+does not hold the job is handed back like a dead worker's, rather than waiting out the visibility
+timeout. Its re-render lands at the same key and is counted once.
+
 A message can also vanish: kombu takes it with BRPOP and only then records it as unacked, so a
 worker killed, or a Redis killed, in the moment between leaves a job that no queue, no unacked
 entry and no claim holds (`worker.transport` hands back what a surviving worker popped; this covers
@@ -36,12 +43,46 @@ from worker.transport import named_job
 log = logging.getLogger(__name__)
 
 
-def _instance_alive(client: redis.Redis, claim: str, cache: dict) -> bool:
+# A worker's heartbeat must come this long after a message was taken before its report of the jobs
+# it holds says anything about that message (the parent reserves a message within milliseconds).
+HOLD_REPORT_MARGIN_S = 2.0
+
+
+def _claimant(client: redis.Redis, claim: str, cache: dict) -> tuple[bool, float, set | None]:
+    """(alive, last heartbeat, jobs held at it, None when not reported) of the instance a claim names."""
     if claim not in cache:
         name, _, instance = claim.rpartition("/")
-        current = client.hget(keys.worker(name), "instance")
-        cache[claim] = current is not None and current.decode() == instance
+        current, last_seen, held = client.hmget(keys.worker(name), "instance", "last_seen", "jobs")
+        alive = current is not None and current.decode() == instance
+        cache[claim] = (alive, float(last_seen or 0), None if held is None else set(filter(None, held.decode().split(","))))
     return cache[claim]
+
+
+def _instance_alive(client: redis.Redis, claim: str, cache: dict) -> bool:
+    return _claimant(client, claim, cache)[0]
+
+
+def _let_go(client: redis.Redis, claim: str, ref: tuple[str, int], taken_at: float, cache: dict) -> bool:
+    """Whether the live instance of `claim` has reported, since the message was taken, that it does
+    not hold the job `ref`."""
+    _alive, last_seen, held = _claimant(client, claim, cache)
+    return held is not None and last_seen >= taken_at + HOLD_REPORT_MARGIN_S and f"{ref[0]}/{ref[1]}" not in held
+
+
+def held_jobs() -> str:
+    """The jobs ("batch/index", comma-separated) of the messages this worker process holds: taken
+    and not yet acknowledged. The parent's heartbeat reports them (`worker.registration`)."""
+    from celery.worker import state as worker_state
+
+    refs = set()
+    for request in list(worker_state.reserved_requests) + list(worker_state.active_requests):
+        try:
+            ref = job_ref((request.kwargs or {}).get("job"))
+        except Exception:  # a request whose body never decoded names no job
+            ref = None
+        if ref is not None:
+            refs.add(f"{ref[0]}/{ref[1]}")
+    return ",".join(sorted(refs))
 
 
 def _state(client: redis.Redis, batch_id: str, index: int) -> str | None:
@@ -67,16 +108,18 @@ def restore(client: redis.Redis, tag: bytes) -> bool:
     return client.transaction(transaction, keys.KOMBU_UNACKED, value_from_callable=True)
 
 
-def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> int:
+def sweep_dead_claims(client: redis.Redis, lock_s: float | None, min_age_s: float) -> int:
     """Restore every unacked job message, taken at least `min_age_s` ago, that no live worker
-    instance claims in the ledger. Returns how many."""
-    if not client.set(keys.SWEEP_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
+    instance claims in the ledger. Returns how many. With `lock_s`, only if this call takes the sweep
+    lock for that long; None when the caller holds it (`worker.housekeeping`)."""
+    if lock_s is not None and not client.set(keys.SWEEP_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
         return 0
-    tags = client.zrangebyscore(keys.KOMBU_UNACKED_INDEX, 0, time.time() - min_age_s)
-    if not tags:
+    taken = dict(client.zrangebyscore(keys.KOMBU_UNACKED_INDEX, 0, time.time() - min_age_s, withscores=True))
+    if not taken:
         return 0
+    tags = list(taken)
     restored = 0
-    alive: dict[str, bool] = {}
+    alive: dict = {}
     for tag, raw in zip(tags, client.hmget(keys.KOMBU_UNACKED, tags)):
         if raw is None:
             continue  # acked since the index was read
@@ -97,12 +140,16 @@ def sweep_dead_claims(client: redis.Redis, lock_s: float, min_age_s: float) -> i
         except redis.ResponseError as exc:  # a key of another type: one bad entry must not stop the sweep
             log.warning("cannot read the claim on %s/%d: %s", batch_id, index, exc)
             continue
+        let_go = False
         if claim is not None and _instance_alive(client, claim.decode(), alive):
-            continue
+            let_go = _let_go(client, claim.decode(), ref, taken[tag], alive)
+            if not let_go:
+                continue
         if restore(client, tag):
             restored += 1
             holder = claim.decode() if claim is not None else "a worker that never claimed it"
-            log.warning("job %s/%d was held by %s, which is gone: handed back", batch_id, index, holder)
+            log.warning("job %s/%d was held by %s, which %s: handed back", batch_id, index, holder,
+                        "no longer holds it" if let_go else "is gone")
     return restored
 
 
@@ -146,7 +193,7 @@ def jobs_without_message(client: redis.Redis, queues: list[str]) -> dict[str, li
         replies = pipe.execute()
     present = {ref for items in replies[:len(queues) + 1] for ref in map(_message_ref, items) if ref}
     per_batch = replies[len(queues) + 1:]
-    alive: dict[str, bool] = {}
+    alive: dict = {}
     out: dict[str, list[int]] = {}
     for n, batch_id in enumerate(active):
         (total,), cancelled, states, running = per_batch[4 * n:4 * n + 4]
@@ -167,18 +214,23 @@ def jobs_without_message(client: redis.Redis, queues: list[str]) -> dict[str, li
 
 
 def requeue_lost_jobs(client: redis.Redis, queues: list[str], time_limit_for, confirm_s: float,
-                      lock_s: float) -> int:
+                      lock_s: float | None) -> int:
     """Queue again every unfinished job that has had no message for at least `confirm_s`, going by
     the suspects earlier calls recorded. Returns how many. `queues` is every job queue workers
     consume; a job whose queue is not among them is left alone (no worker would take it anyway)."""
-    if not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
+    if lock_s is not None and not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=int(lock_s * 1000)):
         return 0
     if message_deficit(client, queues) <= 0:
         client.delete(keys.LOST_SUSPECTS)
         return 0
     # The full read below is heavy on a long queue: at most two or three of them per confirm period,
     # even where a deficit persists that no scan can resolve (a lane beyond the workers' ZFARM_LANES).
-    client.set(keys.LOST_SCAN_LOCK, b"1", px=int(max(lock_s, confirm_s / 2) * 1000))
+    throttle_px = int(max(lock_s or 0, confirm_s / 2) * 1000)
+    if lock_s is None:
+        if not client.set(keys.LOST_SCAN_LOCK, b"1", nx=True, px=throttle_px):
+            return 0
+    else:
+        client.set(keys.LOST_SCAN_LOCK, b"1", px=throttle_px)
     now = time.time()
     lost = jobs_without_message(client, queues)
     refs = {f"{batch_id}/{index}": (batch_id, index) for batch_id, indexes in lost.items() for index in indexes}

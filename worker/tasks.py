@@ -17,7 +17,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded, Terminated, TimeLim
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 
-from shared import keys, registry
+from shared import keys
 from shared.errors import JobError, JobFailed, OutOfMemory, RenderFailure, StorageError
 from shared.ledger import FINAL_STATES, MAX_ATTEMPTS, Ledger
 from shared.redis_conn import connect
@@ -30,6 +30,9 @@ from worker.state import STATE, versions
 
 log = logging.getLogger(__name__)
 
+# Between a message's pop and this task's start: milliseconds; this much is allowed for it.
+CLAIM_MARGIN_S = 1.0
+
 _clients: dict = {}
 
 
@@ -37,7 +40,7 @@ _clients: dict = {}
 
 def _redis():
     if "redis" not in _clients:
-        _clients["redis"] = connect(config.settings().redis_url)
+        _clients["redis"] = connect(config.settings().redis_url, master_name=config.settings().redis_master_name)
     return _clients["redis"]
 
 
@@ -131,6 +134,7 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         raise JobFailed(f"invalid job: {exc}"[:1000]) from None
 
     ledger = _ledger()
+    started = time.monotonic()
     state = ledger.start(job, STATE.claim)
     if state == "unknown":
         reject_message(f"job {job.id} is not a job of any batch on record", {"task_id": task_id})
@@ -141,7 +145,7 @@ def _run_job(task_id: str, args, kwargs) -> dict:
                              "died (or hit an internal error) on every attempt"}
         ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier)
         raise JobFailed(f"job {job.id}: {reason['message']}")
-    if state != "run":
+    if state not in ("run", "rerun"):
         log.info("job %s skipped: %s", job.id, state)
         return {"job_id": job.id, "skipped": state}
 
@@ -157,7 +161,11 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         except Exception as exc:  # a render error fails this job with its reason, never the worker
             log.exception("job %s failed while rendering", job.id)
             raise RenderFailure("render-error", f"{type(exc).__name__}: {exc}") from None
-        if ledger.state(job.batch_id, job.index) in FINAL_STATES:
+        # Only another delivery of this job can have finished it meanwhile, and there is none unless the
+        # job was claimed before ('rerun') or this delivery is older than the sweep's minimum age (one
+        # registry TTL: no message younger is handed back). Otherwise no second look: a command a job.
+        if (state == "rerun" or time.monotonic() - started >= config.settings().registry_ttl_s - CLAIM_MARGIN_S) \
+                and ledger.state(job.batch_id, job.index) in FINAL_STATES:
             # A second delivery of this job (a restored message) finished it meanwhile: its stored
             # result stays as it is, rather than being overwritten by this render.
             log.warning("job %s was finished by another delivery while this one rendered; not stored again",
@@ -177,13 +185,13 @@ def _run_job(task_id: str, args, kwargs) -> dict:
         if ledger.finish(job.batch_id, job.index, "failed", reason, tier=job.tier, worker=STATE.name):
             metrics.count_failed(b.vram_class, b.choice.profile, failure.kind)
         raise JobFailed(f"job {job.id}: {failure.kind}: {failure.message}"[:2000]) from None
-    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier, worker=STATE.name):
+    units = work_units(job.spec.pixels, job.spec.steps)
+    if not ledger.finish(job.batch_id, job.index, "done", tier=job.tier, worker=STATE.name,
+                         s_per_image=result.render_s / units if units > 0 else None):
         # Another delivery of this job finished it first; the job counts once, and so does its render.
         log.warning("job %s was already final; this render (stored at the same key) is not counted again", job.id)
         return {"job_id": job.id, "skipped": "finished-elsewhere"}
     _note_render_facts(b, record)
-    registry.record_render_time(_redis(), STATE.name, result.render_s,
-                                work_units(job.spec.pixels, job.spec.steps))
     metrics.observe_render(b.vram_class, record["profile"], result.render_s)
     return {"job_id": job.id, "render_s": round(result.render_s, 3)}
 

@@ -27,13 +27,15 @@ import json
 import logging
 import math
 import sys
+import time
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
-from shared import redis_conn, routing
+from shared import lua, redis_conn, routing
 from shared.errors import Refused
 from shared.ledger import Ledger
 from shared.wire import RENDER_TASK
@@ -238,10 +240,28 @@ def hand_back_unrecorded(client) -> int:
 
 
 class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, each record and ack one script (`shared/lua/unacked_*.lua`) instead of a
+    MULTI/EXEC of two commands: the same keys and values, one command from the worker instead of four."""
+
     def append(self, message, delivery_tag):
-        super().append(message, delivery_tag)
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.channel.conn_or_acquire() as client:
+            _script(client, "unacked_add")(keys=[self.unacked_index_key, self.unacked_key],
+                                          args=[delivery_tag, time.time(), entry])
+        kombu_virtual.QoS.append(self, message, delivery_tag)
         # In the unacked hash now: from here kombu's restore and zfarm's sweep can find it.
         self.channel._popped = None
+
+    def ack(self, delivery_tag):
+        with self.channel.conn_or_acquire() as client:
+            _script(client, "unacked_remove")(keys=[self.unacked_index_key, self.unacked_key], args=[delivery_tag])
+        kombu_virtual.QoS.ack(self, delivery_tag)
+
+
+def _script(client, name: str):
+    """Script `name` of shared/lua on `client`: EVALSHA, loaded once per Redis (again after a restart)."""
+    return client.register_script(lua.source(name))
 
 
 def stop_on_refused_credentials(kombu_connection, error: Exception) -> None:
@@ -300,6 +320,13 @@ class Channel(kombu_redis.Channel):
             log.warning("could not wake the BRPOP in flight (%s: %s); added queues are polled after its timeout",
                         type(exc).__name__, exc)
             return False
+
+    def close(self):
+        # kombu's close reads the reply of a BRPOP in flight (a message popped then is not lost): with
+        # a 5 s BRPOP that made every stop wait up to 5 s. Ended now, the read returns at once.
+        if self._in_poll:
+            self.wake()
+        super().close()
 
     def _push_back_unrecorded(self) -> None:
         if _popped_unrecorded:
@@ -368,5 +395,49 @@ class Channel(kombu_redis.Channel):
         log.warning("dropped a queue item from %s: %s", queue, problem)
 
 
+# How long a BRPOP blocks before it is sent again. kombu's 1 s made every idle worker cost Redis a
+# BRPOP over its 48 queues each second (0.13 ms of Redis CPU each); a job pushed to a queue wakes a
+# blocked BRPOP at once whatever this is, queues added while one blocks end it through `wake()`, and
+# a half-open connection is still dropped after this plus health_check_interval.
+BRPOP_TIMEOUT_S = 5
+
+
 class Transport(kombu_redis.Transport):
     Channel = Channel
+    brpop_timeout = BRPOP_TIMEOUT_S
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same hardened channel on kombu's Sentinel transport: each new connection goes to the
+    primary the sentinels name now, so after a failover the worker reconnects to the promoted replica.
+
+    The broker URL names one sentinel (`shared.redis_conn.broker_url`: kombu would swap this
+    transport for its stock one on moving to another URL of a list); every sentinel comes in the
+    `sentinels` transport option and each is asked in turn."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + ("sentinels",)
+    sentinels: list | None = None
+
+    def _sentinel_managed_pool(self, asynchronous=False):
+        if not self.sentinels:
+            return super()._sentinel_managed_pool(asynchronous)
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        manager = kombu_redis.sentinel.Sentinel(
+            [tuple(s) for s in self.sentinels], min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None), **params)
+        # Kept so kombu closes its connections to the sentinels with the channel (celery/kombu#1108).
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        if getattr(self, "master_name", None) is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return manager.master_for(self.master_name, kombu_redis.redis.Redis, **credentials).connection_pool
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
+    brpop_timeout = BRPOP_TIMEOUT_S
