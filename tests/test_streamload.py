@@ -194,6 +194,8 @@ def test_loading_tensor_by_tensor_grows_host_memory_by_a_tensor_or_the_kept_int8
     whole = rss_growth(path, "whole")
     resident = rss_growth(path, "resident")
     streamed = rss_growth(path, "streamed")
-    assert whole > 0.9 * COMPONENT_BYTES
+    # The control: reading whole grows by most of the component. How much of the file's mapped pages count
+    # depends on the machine's memory pressure (they are reclaimable), so the bound is loose.
+    assert whole > 0.4 * COMPONENT_BYTES and whole > 3 * resident
     assert resident < 2 * tensor_bytes
     assert streamed < int8_bytes + 2 * tensor_bytes
