@@ -26,8 +26,7 @@ STORAGE_PREFIX = "_calibration"
 # A PSNR of identical images is infinite; JSON has no infinity, so it is reported as this.
 PSNR_IDENTICAL_DB = 100.0
 # What a quality block's `status` says.
-PASSED, FAILED, SKIPPED, LOSSLESS, REFERENCE, NOT_APPLICABLE = (
-    "passed", "failed", "skipped", "lossless", "reference", "not-applicable")
+PASSED, FAILED, SKIPPED, LOSSLESS, NOT_APPLICABLE = "passed", "failed", "skipped", "lossless", "not-applicable"
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
@@ -121,7 +120,7 @@ def quality_block(status: str, policy: str = "", result: dict | None = None, ref
                   calibrated_at: float | None = None, cached: bool = False, reason: str = "") -> dict:
     """The `quality` a worker shows everywhere: worst probe's PSNR and SSIM, the reference compared
     against, the layer policy in force, and when it was calibrated; `status` says which case applies
-    (passed, failed, skipped, lossless, reference, not-applicable) and `reason` why, where it helps."""
+    (passed, failed, skipped, lossless, not-applicable) and `reason` why, where it helps."""
     result = result or {}
     block = {"status": status, "psnr_db": result.get("psnr_db_min"), "ssim": result.get("ssim_min"),
              "reference": reference, "policy": policy, "calibrated_at": calibrated_at}
@@ -136,13 +135,15 @@ def quality_block(status: str, policy: str = "", result: dict | None = None, ref
 
 
 def summary(quality: dict | None) -> str:
-    """One cell for `zfarm workers`: "passed 31.2 dB", "skipped", "lossless"..."""
+    """One cell for `zfarm workers`: "passed 31.2 dB/0.97 (edges)", "skipped (blocks)", "lossless"...: the
+    status, the worst probe's PSNR and SSIM where measured, and the policy where one applies."""
     if not quality:
         return ""
-    status = quality.get("status", "")
-    if status in (PASSED, FAILED) and quality.get("psnr_db") is not None:
-        return f"{status} {quality['psnr_db']:.1f} dB/{quality.get('ssim', 0):.2f}"
-    return status
+    text = quality.get("status", "")
+    if text in (PASSED, FAILED) and quality.get("psnr_db") is not None:
+        text += f" {quality['psnr_db']:.1f} dB/{quality.get('ssim') or 0:.2f}"
+    policy = quality.get("policy")
+    return f"{text} ({policy})" if policy and policy != "none" else text
 
 
 def reference_label(provenance: dict) -> str:

@@ -140,9 +140,9 @@ class Settings:
         "ZFARM_CALIBRATION_STEPS", 8, "The probes' inference steps; references are kept per step count.", int)
     calibration_make_references: bool = _env_field(
         "ZFARM_CALIBRATION_MAKE_REFERENCES", True,
-        "A worker that finds no references for its model renders them with a lossless profile it can run "
-        "(its own when lossless) and stores them for the farm. Off: it only waits for another's, or for "
-        "`zfarm calibrate --reference`.", bool)
+        "A worker whose lossy profile finds no references for its model renders them first with the fastest "
+        "lossless profile it can run, and stores them for the whole farm. Off: it only waits for another's, "
+        "or for `zfarm calibrate --reference`.", bool)
     calibration_wait_s: float = _env_field(
         "ZFARM_CALIBRATION_WAIT_S", 1800.0,
         "How long a worker waits for references another worker is rendering before it gives up on its lossy "

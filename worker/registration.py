@@ -1,8 +1,9 @@
 """The worker's registry entry: register, heartbeat, and the readiness gate.
 
 A worker registers as `loading` and consumes only the holding queue. Once the rendering process
-reports the model loaded (`worker.loading`), it turns `ready` and adds its job queues; if the load
-failed, it records why and stops (exit 78). It deregisters on a clean shutdown, after handing back
+reports the model loaded and through its quality gate (`worker.loading`, `worker.calibration`), it turns
+`ready`, records the policy and quality block of the variant that passed, and adds its job queues; if
+the load failed, it records why and stops (exit 78). It deregisters on a clean shutdown, after handing back
 any message it popped but never recorded (`worker.draining`).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def registration(settings) -> dict:
         "lanes": settings.lanes,
         "arch": boot.arch, "capabilities": sorted(boot.capabilities.features) if boot.capabilities else [],
         "emulated_on": boot.capabilities.emulated_on if boot.capabilities else "",
-        "self_test": STATE.self_test, **STATE.step_down,
+        "self_test": STATE.self_test, "policy": STATE.policy, "quality": STATE.quality, **STATE.step_down,
     }
 
 
@@ -57,7 +58,9 @@ def _adopt_step_down(report: dict) -> None:
     as this worker's (its largest image decides the queues it serves), remember from which and why, and
     count it."""
     boot = STATE.boot
-    passed = next((c for c in boot.fallbacks if c.profile == report["profile"]), None)
+    # A safer variant of the chosen profile (more layers in bf16) keeps its choice; another profile is a fallback.
+    passed = boot.choice if report["profile"] == boot.choice.profile else next(
+        (c for c in boot.fallbacks if c.profile == report["profile"]), None)
     if passed is None:
         log.error("the rendering process reports profile %s, which is not among %s's fallbacks",
                   report["profile"], boot.choice.profile)
@@ -98,6 +101,7 @@ class RegistryStep(bootsteps.StartStopStep):
         outcome, error, load_s, report = loading.load_outcome()
         if outcome == loading.READY:
             STATE.self_test = report.get("self_test", {})
+            STATE.policy, STATE.quality = report.get("policy", ""), report.get("quality", {})
             if report.get("downgraded_from"):
                 _adopt_step_down(report)
             STATE.ready = True
