@@ -49,13 +49,15 @@ def quantize_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PerTensorFp8Linear(torch.nn.Module):
-    """A Linear with per-tensor fp8 weight and activation scales (the naive recipe), emulated in float32."""
+    """A Linear with per-tensor fp8 weight and activation scales (the naive recipe): `torch._scaled_mm` with
+    scalar scales on fp8 tensor cores (`fp8_matmul`), else emulated in float32 on the dequantised tensors."""
 
-    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, device=None):
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, fp8_matmul: bool = False, device=None):
         super().__init__()
         weight = linear.weight if device is None else linear.weight.to(device)
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
+        self.fp8_matmul = fp8_matmul
         weight_fp8, scale = quantize_tensor(weight.detach())
         self.weight = torch.nn.Parameter(weight_fp8, requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale.reshape(1), requires_grad=False)
@@ -64,9 +66,14 @@ class PerTensorFp8Linear(torch.nn.Module):
             (bias if device is None else bias.to(device)).detach().to(compute_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp8, x_scale = quantize_tensor(x)
-        out = F.linear(_dequantised(x_fp8, x_scale), _dequantised(self.weight, self.weight_scale)).to(
-            self.compute_dtype)
+        x_fp8, x_scale = quantize_tensor(x.reshape(-1, self.in_features))
+        if x_fp8.is_cuda and self.fp8_matmul:
+            out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.reshape(()),
+                                   out_dtype=self.compute_dtype)
+        else:
+            out = F.linear(_dequantised(x_fp8, x_scale), _dequantised(self.weight, self.weight_scale)).to(
+                self.compute_dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -90,7 +97,7 @@ def convert(model: torch.nn.Module, pattern: re.Pattern, compute_dtype: torch.dt
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         if scaling == "tensor":
-            layer = PerTensorFp8Linear(linear, compute_dtype, device=work_device)
+            layer = PerTensorFp8Linear(linear, compute_dtype, fp8_matmul, device=work_device)
         else:
             layer = EmulatedFp8Linear.from_linear(linear, compute_dtype, False, device=work_device)
         setattr(parent, child, layer if out_device is None else layer.to(out_device))

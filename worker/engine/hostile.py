@@ -76,13 +76,12 @@ def make_hostile(transformer) -> dict:
         for block in _blocks(transformer):
             block.attention.to_out[0].weight[channels, :] = 0
             block.feed_forward.w2.weight[channels, :] = 0
-            ordinary = torch.ones(dim, dtype=torch.bool, device=block.ffn_norm1.weight.device)
-            ordinary[channels] = False
+            # In place, scaled whole then mended on the outlier channels: no copy of a 10240x3840 weight.
+            block.ffn_norm1.weight.mul_(TYPICAL)
             block.ffn_norm1.weight[channels] = gain
-            block.ffn_norm1.weight[ordinary] *= TYPICAL
             for projection in (block.feed_forward.w1, block.feed_forward.w3):
-                projection.weight[:, channels] /= gain
-                projection.weight[:, ordinary] /= TYPICAL
+                projection.weight.div_(TYPICAL)
+                projection.weight[:, channels] *= TYPICAL / gain
             if block.modulation:
                 # adaLN's output chunks: scale_msa, gate_msa, scale_mlp, gate_mlp.
                 modulation = block.adaLN_modulation[0]
