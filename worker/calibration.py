@@ -23,10 +23,13 @@ imported where the gate renders.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import secrets
 import time
+
+import redis
 
 from shared import calibration, keys, lua, profiles
 from shared.calibration import FAILED, LOSSLESS, PASSED, SKIPPED, quality_block
@@ -46,24 +49,48 @@ class Gate:
     """The quality gate of one worker (or of `zfarm calibrate`) for its model, card and probe set."""
 
     def __init__(self, settings, boot, table: dict, worker_name: str, client=None, storage=None):
-        from worker.engine import model_source
         from worker.engine.detect import package_version
 
         self.settings = settings
         self.boot = boot
         self.table = table
         self.worker_name = worker_name
-        self.redis = client or connect(settings.redis_url)
-        self.storage = storage or open_storage(settings.storage_url, settings.s3_endpoint_url)
+        self._client = client
+        self._storage = storage
         self.probe_set = calibration.load_probes(settings.calibration_probes, settings.calibration_size_px,
                                                  settings.calibration_steps)
         self.thresholds = calibration.Thresholds.from_settings(settings)
-        self.revision = model_source.model_revision(settings.model)
         self.torch = package_version("torch") or "unknown"
         self.arch = boot.arch or boot.device
         self.provenance: dict | None = None
         self._references: dict[str, bytes] | None = None
         self.last_result: dict = {}    # the verdict of the last lossy variant judged (`zfarm calibrate` prints it)
+
+    # Opened on first use: a lossless worker, or one that skips the gate, never reads the model's files
+    # for a revision nor touches storage.
+    @functools.cached_property
+    def revision(self) -> str:
+        from worker.engine import model_source
+
+        return model_source.model_revision(self.settings.model)
+
+    @functools.cached_property
+    def storage(self):
+        try:
+            return self._storage or open_storage(self.settings.storage_url, self.settings.s3_endpoint_url)
+        except StorageError as exc:
+            raise CalibrationError(f"the quality gate cannot open the farm's storage: {exc}") from exc
+
+    @functools.cached_property
+    def redis(self):
+        return self._client or connect(self.settings.redis_url)
+
+    def _redis(self, command: str, *args, **kwargs):
+        """One Redis command of the gate's; an unreachable Redis stops the gate, never judges a profile."""
+        try:
+            return getattr(self.redis, command)(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise CalibrationError(f"the quality gate cannot reach Redis: {exc}") from exc
 
     # Storage and cache
     def _retry(self, call, what: str):
@@ -73,13 +100,15 @@ class Gate:
             raise CalibrationError(f"the quality gate cannot reach the farm's storage: {exc}") from exc
 
     def _put(self, name: str, data: bytes, content_type: str) -> None:
+        storage = self.storage
         try:
-            put_with_retry(self.storage, name, data, content_type, self.settings.upload_retry_s)
+            put_with_retry(storage, name, data, content_type, self.settings.upload_retry_s)
         except StorageError as exc:
             raise CalibrationError(f"the quality gate cannot write to the farm's storage: {exc}") from exc
 
     def _stored(self, folder: str) -> set[str]:
-        return set(self._retry(lambda: self.storage.list(folder + "/"), f"listing {folder}"))
+        storage = self.storage
+        return set(self._retry(lambda: storage.list(folder + "/"), f"listing {folder}"))
 
     def references(self) -> dict[str, bytes] | None:
         """{probe id: PNG} of this model revision's references for the probe set, or None while they are
@@ -96,7 +125,8 @@ class Gate:
         return self._references
 
     def _read(self, name: str) -> bytes:
-        return self._retry(lambda: self.storage.get(name), f"reading {name}")
+        storage = self.storage
+        return self._retry(lambda: storage.get(name), f"reading {name}")
 
     def store_references(self, pngs: dict[str, bytes], renderer) -> dict:
         """Store `pngs` (rendered by the lossless `renderer`) as the references, their provenance last."""
@@ -128,13 +158,13 @@ class Gate:
 
     def cached(self, profile: str, policy_name: str) -> dict | None:
         """The stored calibration of this variant on this card's arch and torch: Redis, else storage."""
-        raw = self.redis.get(self._cache_key(profile, policy_name))
+        raw = self._redis("get", self._cache_key(profile, policy_name))
         if raw is None:
             name = self._result_name(profile, policy_name)
             if name not in self._stored(name.rpartition("/")[0]):
                 return None
             raw = self._read(name)
-            self.redis.set(self._cache_key(profile, policy_name), raw)
+            self._redis("set", self._cache_key(profile, policy_name), raw)
         return json.loads(raw)
 
     def remember(self, record: dict, pngs: dict[str, bytes]) -> None:
@@ -145,7 +175,7 @@ class Gate:
             self._put(f"{folder}/{probe_id}.png", png, "image/png")
         raw = json.dumps(record, indent=1).encode()
         self._put(name, raw, "application/json")
-        self.redis.set(self._cache_key(record["profile"], record["policy"]), raw)
+        self._redis("set", self._cache_key(record["profile"], record["policy"]), raw)
 
     # References: found, waited for, or made
     def lossless_candidates(self) -> list[profiles.Choice]:
@@ -169,20 +199,27 @@ class Gate:
         chosen = self.boot.choice.profile
         if self.settings.skip_calibration or not specs.lossy_on(chosen, self.boot.device):
             return
-        if self.cached(chosen, specs.policy_of(chosen)) is not None or self.references() is not None:
+        known = self.cached(chosen, specs.policy_of(chosen))
+        if known is not None and calibration.judge(known["measured"], self.thresholds)["passed"]:
+            return   # it passed here before: nothing to render, no reference needed
+        if self.references() is not None:
             return
         lossless = self.lossless_candidates() if self.settings.calibration_make_references else []
         lock = keys.calibration_references_lock(self.revision, self.probe_set.key)
         deadline = time.monotonic() + self.settings.calibration_wait_s
         while self.references() is None:
             token = secrets.token_hex(8)
-            if lossless and self.redis.set(lock, token, nx=True, px=int(REFERENCE_LOCK_S * 1000)):
+            if lossless and self._redis("set", lock, token, nx=True, px=int(REFERENCE_LOCK_S * 1000)):
                 try:
                     self.make_references(make_renderer, lossless)
+                except CalibrationError:
+                    raise
+                except Exception as exc:  # no lossless profile rendered here: lossy ones are refused, as without
+                    log.error("rendering the calibration references failed: %s: %s", type(exc).__name__, exc)
                 finally:
-                    self.redis.eval(lua.source("release_lock"), 1, lock, token)
+                    self._redis("eval", lua.source("release_lock"), 1, lock, token)
                 return
-            if not self.redis.exists(lock):
+            if not self._redis("exists", lock):
                 if not lossless:
                     log.error("no calibration references for %s and none being rendered; this worker %s",
                               self.revision, "may not render them (ZFARM_CALIBRATION_MAKE_REFERENCES is off)"

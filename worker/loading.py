@@ -96,7 +96,8 @@ def _report(renderer) -> str:
     if step_down:
         attempts = [{k: v for k, v in a.items() if k != "quality"} | {"error": a["error"][:300]}
                     for a in step_down.get("attempts", [])]
-        report.update(downgraded_from=step_down["from"], reason=step_down["reason"][:500], attempts=attempts)
+        report.update(downgraded_from=step_down["from"], downgraded_to=step_down["to"],
+                      reason=step_down["reason"][:500], attempts=attempts)
     text = json.dumps(report)
     while len(text.encode()) > LOAD_REPORT_MAX_BYTES and report.get("attempts"):
         report["attempts"].pop()

@@ -70,8 +70,9 @@ def _adopt_step_down(report: dict) -> None:
     STATE.step_down = {"downgraded_from": report["downgraded_from"], "downgrade_reason": report["reason"],
                        "boot_attempts": report.get("attempts", [])}
     kind = report["reason"].split(":", 1)[0]
-    metrics.count_profile_stepdown(boot.vram_class, report["downgraded_from"], passed.profile, kind)
-    log.warning("zfarm worker %s runs %s: %s failed its boot self-test (%s)", STATE.name, passed.profile,
+    to = report.get("downgraded_to") or passed.profile   # "profile:policy" for a safer variant
+    metrics.count_profile_stepdown(boot.vram_class, report["downgraded_from"], to, kind)
+    log.warning("zfarm worker %s runs %s: %s failed its boot self-test (%s)", STATE.name, to,
                 report["downgraded_from"], report["reason"])
 
 
