@@ -83,8 +83,8 @@ def run_item(model_dir: str, item: str, device: str, probe_set, images_dir: str,
         t0 = time.perf_counter()
         spec = specs.spec_for(profile, overrides)
         dtype = torch.float32 if spec.recipe == "cpu" else pipeline.default_dtype(device)
-        pipe = pipeline.load_pipeline(model_dir, dtype, device=device,
-                                      gpu_components=specs.gpu_components(profile, overrides) if device == "cuda" else ())
+        gpu_parts = specs.gpu_components(profile, overrides) if device == "cuda" else ()
+        pipe = pipeline.load_pipeline(model_dir, dtype, device=device, gpu_components=gpu_parts)
         record["hostile"] = hostile.make_hostile(pipe.transformer)
         placement.apply_profile(pipe, profile, device, overrides)
         pipe.set_progress_bar_config(disable=True)
@@ -106,7 +106,8 @@ def run_item(model_dir: str, item: str, device: str, probe_set, images_dir: str,
         for probe in probe_set.probes:
             sync()
             t2 = time.perf_counter()
-            image = pipe(**_probe_call(probe, probe_set), generator=torch.Generator("cpu").manual_seed(probe.seed)).images[0]
+            image = pipe(**_probe_call(probe, probe_set),
+                         generator=torch.Generator("cpu").manual_seed(probe.seed)).images[0]
             sync()
             seconds.append(time.perf_counter() - t2)
             image.save(out / f"{probe.id}.png")
@@ -136,8 +137,10 @@ def judge_item(record: dict, reference: dict, probe_set, images_dir: str) -> dic
     from shared.settings import Settings
     from worker.engine import quality
 
-    measured = [{"id": p.id, **quality.compare(Path(images_dir, label_of(record["item"]), f"{p.id}.png").read_bytes(),
-                                               Path(images_dir, label_of(reference["item"]), f"{p.id}.png").read_bytes())}
+    def image(item: str, probe_id: str) -> bytes:
+        return Path(images_dir, label_of(item), f"{probe_id}.png").read_bytes()
+
+    measured = [{"id": p.id, **quality.compare(image(record["item"], p.id), image(reference["item"], p.id))}
                 for p in probe_set.probes]
     verdict = calibration.judge(measured, calibration.Thresholds.from_settings(Settings.from_env({})))
     return {"check": "hostile", "item": record["item"], "reference": reference["item"], "profile": record["profile"],

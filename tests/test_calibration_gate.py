@@ -211,7 +211,8 @@ def test_with_no_references_to_judge_by_a_lossy_profile_goes_straight_to_the_los
 
 
 def test_a_profile_an_out_of_memory_step_down_loads_passes_the_gate_before_it_renders(hostile_dir, monkeypatch):
-    table = {"runs": [{"profile": "cpu_fp8", "cap_gib": 15.0, "ok": True, "s_per_image": 1.0, "peak_reserved_gib": 12.0},
+    table = {"runs": [{"profile": "cpu_fp8", "cap_gib": 15.0, "ok": True, "s_per_image": 1.0,
+                       "peak_reserved_gib": 12.0},
                       {"profile": "cpu_fp8_naive", "cap_gib": 15.0, "ok": True, "s_per_image": 2.0,
                        "peak_reserved_gib": 6.0}]}
     judged = []
