@@ -397,7 +397,8 @@ class DiffusionRenderer:
     # Rendering
     def describe(self) -> dict:
         return {"renderer": "diffusers", "profile": self.profile, "policy": self.policy, "lossy": self.lossy,
-                "quality": dict(self.quality), "applied": self.applied, "device": self.device, "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
+                "quality": dict(self.quality), "applied": self.applied, "device": self.device, "gpu": self.boot.gpu,
+                "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                 "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
                 "load_s": self.load_s, "warmup_s": self.warmup_s, "load_stages_s": dict(self.load_stages_s),
                 "warmup_compile": dict(self.warmup_compile),
