@@ -11,7 +11,7 @@ fresh process, and is judged against it with the gate's own metrics and default 
 policies (`worker.engine.policy.safer`) while time is left, as a worker would.
 
 Each item is `PROFILE[+key=value...]` (Spec overrides, as in `bench/profiles.py matrix`). Default items:
-every lossy profile the shipped table gives a class, and the naive recipe (`NAIVE`).
+every lossy profile the shipped table gives a class, then the naive recipe (`NAIVE`).
 
   python -m bench.hostile DIR [ITEM ...] --jsonl FILE [--probes 2] [--size 1024] [--steps 8]
                           [--images-dir D] [--device cuda|cpu] [--deadline-s S] [--no-step-down]
@@ -47,14 +47,15 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
 def default_items(device: str) -> list[str]:
-    """The naive recipe, then every lossy profile the shipped table picks for some class (fastest classes first)."""
+    """Every lossy profile the shipped table picks for some class (largest classes first), then the naive
+    recipe: under a deadline the shipped profiles' figures come first."""
     if device != "cuda":
-        return [NAIVE["cpu"], "cpu_fp8"]
+        return ["cpu_fp8", NAIVE["cpu"]]
     table = table_rules.load_table()
     chosen = [row["profile"] for row in reversed(table_rules.class_table(table)) if row.get("profile")]
     lossy = [name for name in dict.fromkeys(chosen) if any(r.get("lossy") for r in table["runs"]
                                                             if r.get("profile") == name)]
-    return [NAIVE["cuda"], *lossy]
+    return [*lossy, NAIVE["cuda"]]
 
 
 def split_item(item: str) -> tuple[str, dict]:
