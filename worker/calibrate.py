@@ -19,7 +19,7 @@ import socket
 import sys
 
 from shared import calibration
-from shared.errors import QualityFailed, ZfarmError
+from shared.errors import CalibrationError, QualityFailed, UsageError, ZfarmError
 from shared.settings import Settings
 from worker import config
 
@@ -53,7 +53,7 @@ def run(args) -> tuple[int, dict]:
     settings = Settings.from_env(model=args.model, profile=args.profile, vram_gb=args.vram_gb,
                                  redis_url=args.redis_url, storage_url=args.storage_url)
     if settings.simulated:
-        raise ZfarmError("a simulated renderer draws no model's images: unset ZFARM_SIMULATE_S to calibrate")
+        raise UsageError("a simulated renderer draws no model's images: unset ZFARM_SIMULATE_S to calibrate")
     config.install(settings)
     table = config.table()
     boot = detect.detect(settings, table)
@@ -66,10 +66,10 @@ def run(args) -> tuple[int, dict]:
         lossless = gate.lossless_candidates()
         if args.profile:
             if specs.lossy_on(args.profile, boot.device):
-                raise ZfarmError(f"--reference needs a lossless profile; {args.profile} is lossy")
+                raise UsageError(f"--reference needs a lossless profile; {args.profile} is lossy")
             lossless = [boot.choice]
         if not lossless:
-            raise ZfarmError("this card runs no lossless profile that fits it: render the references elsewhere")
+            raise CalibrationError("this card runs no lossless profile that fits it: render the references elsewhere")
         provenance = gate.make_references(make_renderer, lossless)
         return EXIT_PASSED, {"reference": calibration.reference_label(provenance), "revision": gate.revision,
                              "probe_set": gate.probe_set.key, "probes": provenance["probes"],
