@@ -69,7 +69,7 @@ case "$cmd" in
     python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
     python3 -m bench.hostile "$DIR" "$@" --jsonl "$RESULTS_DIR/hostile.jsonl" \
       --images-dir "${HOSTILE_IMAGES_DIR:-/tmp/zfarm-hostile-images}" --timeout-s "${RUN_TIMEOUT_S:-300}" \
-      --deadline-s "${DEADLINE_S:-420}" ;;
+      --deadline-s "${DEADLINE_S:-330}" ;;
   table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
   coldstart)
     python3 -c 'import celery, kombu, redis, diffusers; print("celery", celery.__version__, "kombu", kombu.__version__,
