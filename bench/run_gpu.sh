@@ -10,6 +10,7 @@
 #   bash bench/run_gpu.sh coldstart [--vram-gb 24] [--runs 3 --fresh-cache]  # worker start to first image stored
 #   bash bench/run_gpu.sh kernels                     # attention and matmul kernels on the DiT's shapes
 #   bash bench/run_gpu.sh imports [--runs 2]          # where the renderer's import stage goes (-X importtime)
+#   bash bench/run_gpu.sh hostile [ITEM ...]          # the fp8 recipes on the hostile model against the quality gate
 #
 # Raw results append to $RESULTS_DIR/runs.jsonl (default bench/results; $OUT on the lent device machine).
 # Wheels in ./.whl are installed first where the machine lacks packages (diffusers and importlib_metadata
@@ -64,6 +65,11 @@ case "$cmd" in
     done ;;
   kernels) python3 -m bench.kernels --jsonl "$RESULTS_DIR/kernels.jsonl" "$@" ;;
   imports) python3 -m bench.imports --jsonl "$RESULTS_DIR/imports.jsonl" "$@" ;;
+  hostile)
+    python3 -m bench.profiles build "$DIR" | tail -1 || exit 1
+    python3 -m bench.hostile "$DIR" "$@" --jsonl "$RESULTS_DIR/hostile.jsonl" \
+      --images-dir "${HOSTILE_IMAGES_DIR:-/tmp/zfarm-hostile-images}" --timeout-s "${RUN_TIMEOUT_S:-300}" \
+      --deadline-s "${DEADLINE_S:-330}" ;;
   table) python3 -m bench.profiles table bench/results/runs.jsonl --link ;;
   coldstart)
     python3 -c 'import celery, kombu, redis, diffusers; print("celery", celery.__version__, "kombu", kombu.__version__,
@@ -76,5 +82,5 @@ case "$cmd" in
     python3 -m bench.cold_start "$DIR" --jsonl "$RESULTS_DIR/cold_start.jsonl" --keep "$RESULTS_DIR/cold_start" \
       --compile-cache-dir "${COMPILE_CACHE_DIR:-/tmp/zfarm-compile-cache}" \
       ${redis_args[@]+"${redis_args[@]}"} "$@" ;;
-  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart|kernels|imports" >&2; exit 2 ;;
+  *) echo "usage: bash bench/run_gpu.sh smoke|build|matrix ITEMS...|worker CLASSES...|table|coldstart|kernels|imports|hostile [ITEMS...]" >&2; exit 2 ;;
 esac

@@ -439,6 +439,9 @@ def _worker_row(worker: dict) -> dict:
         # Set when the chosen profile failed its boot self-test (or ran out of memory) and another took over.
         "downgraded_from": worker.get("downgraded_from") or None,
         "downgrade_reason": worker.get("downgrade_reason") or None,
+        # The quality gate's verdict on the variant it serves (shared.calibration.quality_block), and its policy.
+        "policy": worker.get("policy") or None,
+        "quality": worker.get("quality") if isinstance(worker.get("quality"), dict) else None,
     }
     return row
 

@@ -19,7 +19,7 @@ import redis
 from producer.api import Farm, failure_reason, scale_advice
 from producer.files import parse_prompt_file
 from producer.progress import CountBar, Progress
-from shared import archs, cards, profiles, redis_conn
+from shared import archs, calibration, cards, profiles, redis_conn
 from shared.errors import DefaultsError, PromptFileError, StorageError, UsageError, ZfarmError
 from shared.schema import PRIORITIES, check_defaults
 from shared.settings import Settings
@@ -32,10 +32,13 @@ EXIT_TIMEOUT = 2
 FAILURES_SHOWN = 20
 STATUS_FIELDS = ("batch_id", "name", "priority", "total", "queued", "waiting_for_worker", "running",
                  "done", "failed", "cancelled")
-WORKER_FIELDS = ("name", "host", "gpu", "arch", "vram_gb", "vram_class", "profile", "downgraded_from", "state",
-                 "jobs_done", "jobs_failed", "s_per_image", "last_seen")
+WORKER_FIELDS = ("name", "host", "gpu", "arch", "vram_gb", "vram_class", "profile", "downgraded_from", "quality",
+                 "state", "jobs_done", "jobs_failed", "s_per_image", "last_seen")
 # Sub-commands handed whole to another module: their arguments are that module's to parse.
-PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.engine.tiny", "fetch-model": "worker.engine.fetch"}
+PASSTHROUGH = {"worker": "worker", "tiny-model": "worker.engine.tiny", "fetch-model": "worker.engine.fetch",
+               "calibrate": "worker.calibrate"}
+# Those of them that reach Redis and storage, and so take the global options as their own flags.
+FARM_PASSTHROUGH = ("worker", "calibrate")
 GLOBAL_OPTIONS = ("--redis-url", "--storage-url")
 
 
@@ -129,6 +132,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_scale_advice)
 
     for name, help_text in (("worker", "run a render worker (python -m worker ...)"),
+                            ("calibrate", ("the quality gate by hand: probes against the bf16 references "
+                                           "(python -m worker.calibrate ...)")),
                             ("tiny-model", "build a small random-weight model: tiny-model DIR"),
                             ("fetch-model", "download the model weights (python -m worker.engine.fetch ...)")):
         p = sub.add_parser(name, help=help_text, add_help=False)
@@ -165,12 +170,12 @@ def _exec(argv: list[str]) -> None:
 
 
 def run_passthrough(args, command: str, rest: list[str]) -> int:
-    """Run `zfarm worker|tiny-model|fetch-model` as its own module. The global options go to the
-    worker as its own flags; the other commands touch neither Redis nor storage."""
+    """Run `zfarm worker|calibrate|tiny-model|fetch-model` as its own module. The global options go to
+    the worker and to calibrate as their own flags; the other commands touch neither Redis nor storage."""
     if command == "tiny-model" and len(rest) != 1:
         raise UsageError("usage: zfarm tiny-model DIR")
     forwarded = []
-    if command == "worker":
+    if command in FARM_PASSTHROUGH:
         forwarded += ["--redis-url", args.redis_url] if args.redis_url else []
         forwarded += ["--storage-url", args.storage_url] if args.storage_url else []
     sys.stdout.flush()
@@ -358,7 +363,7 @@ def cmd_workers(args) -> int:
     tty = sys.stdout.isatty()
     rows = []
     for w in workers:
-        row = [w.get(f) for f in WORKER_FIELDS]
+        row = [calibration.summary(w.get(f)) if f == "quality" else w.get(f) for f in WORKER_FIELDS]
         if tty and w.get("last_seen"):
             row[-1] = _age(time.time() - float(w["last_seen"]))
         rows.append(row)

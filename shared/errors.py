@@ -143,6 +143,22 @@ class NoWorkingProfile(ZfarmError, RuntimeError):
         super().__init__("no profile this worker may run passed its boot self-test:\n" + "\n".join(lines))
 
 
+class QualityFailed(ZfarmError, RuntimeError):
+    """Raised when a lossy profile may not serve: its probe images differ from the bf16 references by more
+    than the quality gate's thresholds allow, or there are no references to judge them by. `quality` holds
+    the quality block; `try_safer` is False when a safer variant could not pass either (no references)."""
+
+    def __init__(self, message: str, quality: dict | None = None, try_safer: bool = True):
+        super().__init__(message)
+        self.quality = dict(quality or {})
+        self.try_safer = try_safer
+
+
+class CalibrationError(ZfarmError, RuntimeError):
+    """Raised when the quality gate cannot run: no references and no way to make them, or the farm's
+    storage or Redis unreachable while it reads or writes them."""
+
+
 class PinError(ZfarmError, RuntimeError):
     """Raised when a host buffer cannot be page-locked, or torch does not see it as pinned."""
 

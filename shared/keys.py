@@ -77,3 +77,15 @@ LOST_SUSPECTS = f"{PREFIX}:lost-suspects"
 # Celery/kombu's own keys (kombu.transport.redis defaults), read by the dead-worker sweep.
 KOMBU_UNACKED = "unacked"
 KOMBU_UNACKED_INDEX = "unacked_index"
+
+
+# Quality gate (worker.calibration, shared.calibration)
+def calibration_result(revision: str, probe_set: str, profile: str, policy: str, arch: str, torch: str) -> str:
+    """string: JSON of one calibration (the probes' PSNR and SSIM) of a model revision with one profile and
+    quantisation policy on one architecture and torch; kept without expiry, as in storage."""
+    return f"{PREFIX}:calibration:{revision}:{probe_set}:{profile}:{policy}:{arch}:{torch}"
+
+
+def calibration_references_lock(revision: str, probe_set: str) -> str:
+    """string with a TTL: the worker rendering this revision's references holds it; others wait for them."""
+    return f"{PREFIX}:calibration:{revision}:{probe_set}:references-lock"

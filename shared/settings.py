@@ -130,6 +130,41 @@ class Settings:
         "Text-encoder outputs a worker keeps in host RAM (up to 2.5 MiB each), by exact prompt text, the least "
         "recently used dropped first; a repeated prompt skips the text encoder. 0 turns the cache off.", int)
 
+    skip_calibration: bool = _env_field(
+        "ZFARM_SKIP_CALIBRATION", False,
+        "Serve a lossy profile without passing the quality gate (docs/quality.md): no probes are rendered or "
+        "compared, and every sidecar and registry entry says quality status \"skipped\".", bool)
+    calibration_psnr_db: float = _env_field(
+        "ZFARM_CALIBRATION_PSNR_DB", 20.0,
+        "Quality gate: the probes' mean PSNR (dB) against the bf16 references a lossy profile must reach.", float)
+    calibration_ssim: float = _env_field(
+        "ZFARM_CALIBRATION_SSIM", 0.6,
+        "Quality gate: the probes' mean SSIM (luminance) a lossy profile must reach.", float)
+    calibration_probe_psnr_db: float = _env_field(
+        "ZFARM_CALIBRATION_PROBE_PSNR_DB", 16.0,
+        "Quality gate: the PSNR (dB) every single probe must reach.", float)
+    calibration_probe_ssim: float = _env_field(
+        "ZFARM_CALIBRATION_PROBE_SSIM", 0.4,
+        "Quality gate: the SSIM every single probe must reach.", float)
+    calibration_probes: int = _env_field(
+        "ZFARM_CALIBRATION_PROBES", 0,
+        "How many of the probe set (shared/calibration_probes.json) the gate renders, from the first; 0: all.",
+        int)
+    calibration_size_px: int = _env_field(
+        "ZFARM_CALIBRATION_SIZE_PX", 1024,
+        "The probes' side in pixels (square); references are kept per size.", int)
+    calibration_steps: int = _env_field(
+        "ZFARM_CALIBRATION_STEPS", 8, "The probes' inference steps; references are kept per step count.", int)
+    calibration_make_references: bool = _env_field(
+        "ZFARM_CALIBRATION_MAKE_REFERENCES", True,
+        "A worker whose lossy profile finds no references for its model renders them first with the fastest "
+        "lossless profile it can run, and stores them for the whole farm. Off: it only waits for another's, "
+        "or for `zfarm calibrate --reference`.", bool)
+    calibration_wait_s: float = _env_field(
+        "ZFARM_CALIBRATION_WAIT_S", 1800.0,
+        "How long a worker waits for references another worker is rendering before it gives up on its lossy "
+        "profiles (and serves a lossless one, or stops).", float)
+
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
         environ = os.environ if environ is None else environ

@@ -139,12 +139,30 @@ def put_with_retry(storage, name: str, data: bytes, content_type: str, retry_s: 
     """Upload, retrying with jittered exponential backoff for up to `retry_s` seconds.
 
     Returns how many retries it took; raises StorageError once the period is spent."""
+    retries = 0
+
+    def put():
+        storage.put(name, data, content_type)
+
+    def counted(exc):
+        nonlocal retries
+        retries += 1
+        if on_retry:
+            on_retry(exc)
+
+    with_retry(put, f"upload of {name}", retry_s, counted, first_delay_s, max_delay_s)
+    return retries
+
+
+def with_retry(call, what: str, retry_s: float, on_retry=None, first_delay_s: float = 0.5,
+               max_delay_s: float = 10.0):
+    """`call()`'s result, calling again on StorageError with jittered exponential backoff for up to
+    `retry_s` seconds; raises StorageError once the period is spent."""
     deadline = time.monotonic() + retry_s
     delay_s, retries = first_delay_s, 0
     while True:
         try:
-            storage.put(name, data, content_type)
-            return retries
+            return call()
         except StorageError as exc:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
@@ -152,6 +170,6 @@ def put_with_retry(storage, name: str, data: bytes, content_type: str, retry_s: 
             retries += 1
             if on_retry:
                 on_retry(exc)
-            log.warning("upload of %s failed (%s); retry %d in %.1f s", name, exc, retries, delay_s)
+            log.warning("%s failed (%s); retry %d in %.1f s", what, exc, retries, delay_s)
             time.sleep(min(delay_s * random.uniform(0.8, 1.2), remaining_s))
             delay_s = min(delay_s * 2, max_delay_s)

@@ -37,6 +37,16 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hostile_dir(tmp_path_factory):
+    """The tiny hostile model (worker.engine.hostile): MLP inputs of ~6.6e4 and all-zero rows, built once."""
+    from worker.engine import hostile
+
+    folder = tmp_path_factory.mktemp("hostile-zimage")
+    hostile.build(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """URL of a real redis-server for this session (no persistence). Flushed before each test that uses it."""
     server = farm.RedisServer(tmp_path_factory.mktemp("redis")).start()

@@ -48,9 +48,9 @@ def failing(monkeypatch):
     def install(plan: dict):
         real_load = DiffusionRenderer._load_profile
 
-        def load(self, name):
+        def load(self, name, *policy):
             current["renderer"] = self
-            return real_load(self, name)
+            return real_load(self, name, *policy)
 
         def call(pipe, *args, **kwargs):
             what = plan.get(current["renderer"].loading_profile)

@@ -300,10 +300,10 @@ def test_an_unknown_compute_dtype_and_cudnn_attention_in_float32_are_refused_whe
 
 
 def test_the_int8_components_load_in_their_stored_form_and_only_bf16_resident_ones_load_straight_to_the_gpu():
-    assert specs.stream_loaded("int8mm_fast_compiled") == {"transformer": "int8mm"}
+    assert specs.stream_loaded("int8mm_fast_compiled") == {"transformer": ("int8mm", "blocks")}
     assert specs.gpu_components("int8mm_fast_compiled") == ("text_encoder", "vae")
-    assert specs.stream_loaded("int8mm_fast_stream_pinned_compiled") == {"transformer": "int8mm_stream",
-                                                                         "text_encoder": "int8mm_stream"}
+    assert specs.stream_loaded("int8mm_fast_stream_pinned_compiled") == {"transformer": ("int8mm_stream", "blocks"),
+                                                                         "text_encoder": ("int8mm_stream", "blocks")}
     assert specs.gpu_components("int8mm_fast_stream_pinned_compiled") == ("vae",)
     assert specs.stream_loaded("fp8mm_fast_compiled") == {} and specs.stream_loaded("cpu") == {}
 
@@ -327,7 +327,7 @@ def test_a_streamed_int8_dit_compiles_beneath_the_offload_hooks_and_draws_the_ea
     from diffusers.hooks import apply_group_offloading
 
     pipe = pipeline.load_pipeline(str(tiny_dir), torch.float32, device="cpu",
-                                  stream_loaded={"transformer": "int8mm_stream"})
+                                  stream_loaded={"transformer": ("int8mm_stream", "blocks")})
     spec = specs.spec_for("int8mm_fast_stream_pinned_compiled")
     placement.convert_weights(pipe.transformer, spec.transformer, "cpu", torch.float32, spec)
     assert isinstance(pipe.transformer.layers[0].attention.to_qkv, int8.Int8Linear)

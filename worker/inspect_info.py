@@ -24,7 +24,7 @@ class InfoStep(bootsteps.StartStopStep):
                 "profile": boot.choice.profile, "max_pixels": boot.choice.max_pixels,
                 "s_per_image_measured": boot.choice.s_per_image, "model": STATE.model_path,
                 "ready": STATE.ready, "queues": len(STATE.queues), "arch": boot.arch,
-                "self_test": STATE.self_test,
+                "self_test": STATE.self_test, "policy": STATE.policy, "quality": STATE.quality,
                 **{k: v for k, v in STATE.step_down.items() if k != "boot_attempts"}}
         try:
             client = connect(config.settings().redis_url, retry_s=STATS_REDIS_RETRY_S,

@@ -4,7 +4,8 @@ Celery gives `worker_process_init` only seconds, so the pool process loads the r
 background thread; jobs wait on `renderer()`. The parent learns the outcome through shared memory
 made before the pool forks (`LOAD_STATE`: 0 loading, 1 ready, 2 failed, with the error text, the
 load time and a JSON report of the boot self-test: the profile that passed, and the ones that failed
-before it), and only then consumes job queues (`worker.registration`).
+before it, and its quality block: `worker.calibration`), and only then consumes job queues
+(`worker.registration`).
 """
 from __future__ import annotations
 
@@ -57,11 +58,19 @@ def start_loading(**_):
 
 def _load_renderer():
     global _renderer
-    settings = config.settings()
+    settings = config.settings().replace(model=STATE.model_path)
     t0 = time.monotonic()
     try:
-        renderer = make_renderer(settings.replace(model=STATE.model_path), STATE.boot)
-        renderer.load()
+        renderer = make_renderer(settings, STATE.boot)
+        if settings.simulated:
+            renderer.load()
+        else:
+            # The quality gate (worker.calibration): references ready first, then each variant judged.
+            from worker.calibration import Gate
+
+            gate = Gate(settings, STATE.boot, config.table(), STATE.name)
+            gate.prepare(make_renderer)
+            renderer.load(judge=gate.judge)
     except Exception as exc:  # any load failure must stop the worker with its reason, not hang it
         log.critical("zfarm: loading the model failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         _renderer_error.append(f"{type(exc).__name__}: {exc}")
@@ -81,11 +90,14 @@ def _report(renderer) -> str:
     """What the parent needs of a finished load: the profile that passed its self-test and, when it is not
     the one chosen, the step-down (from, reason, each attempt) -- as JSON that fits the shared buffer."""
     described = renderer.describe()
-    report = {"profile": described.get("profile"), "self_test": described.get("self_test") or {}}
+    report = {"profile": described.get("profile"), "policy": described.get("policy", ""),
+              "quality": described.get("quality") or {}, "self_test": described.get("self_test") or {}}
     step_down = described.get("boot_step_down") or {}
     if step_down:
-        attempts = [{**a, "error": a["error"][:300]} for a in step_down.get("attempts", [])]
-        report.update(downgraded_from=step_down["from"], reason=step_down["reason"][:500], attempts=attempts)
+        attempts = [{k: v for k, v in a.items() if k != "quality"} | {"error": a["error"][:300]}
+                    for a in step_down.get("attempts", [])]
+        report.update(downgraded_from=step_down["from"], downgraded_to=step_down["to"],
+                      reason=step_down["reason"][:500], attempts=attempts)
     text = json.dumps(report)
     while len(text.encode()) > LOAD_REPORT_MAX_BYTES and report.get("attempts"):
         report["attempts"].pop()

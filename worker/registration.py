@@ -1,8 +1,9 @@
 """The worker's registry entry: register, heartbeat, and the readiness gate.
 
 A worker registers as `loading` and consumes only the holding queue. Once the rendering process
-reports the model loaded (`worker.loading`), it turns `ready` and adds its job queues; if the load
-failed, it records why and stops (exit 78). It deregisters on a clean shutdown, after handing back
+reports the model loaded and through its quality gate (`worker.loading`, `worker.calibration`), it turns
+`ready`, records the policy and quality block of the variant that passed, and adds its job queues; if
+the load failed, it records why and stops (exit 78). It deregisters on a clean shutdown, after handing back
 any message it popped but never recorded (`worker.draining`).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def registration(settings) -> dict:
         "lanes": settings.lanes,
         "arch": boot.arch, "capabilities": sorted(boot.capabilities.features) if boot.capabilities else [],
         "emulated_on": boot.capabilities.emulated_on if boot.capabilities else "",
-        "self_test": STATE.self_test, **STATE.step_down,
+        "self_test": STATE.self_test, "policy": STATE.policy, "quality": STATE.quality, **STATE.step_down,
         # This card's speed on its profile as modelled from the measuring card's: what scale-advice counts
         # on until the worker's own average (s_per_image) exists.
         "s_per_image_expected": _expected_s_per_image(boot),
@@ -67,7 +68,9 @@ def _adopt_step_down(report: dict) -> None:
     as this worker's (its largest image decides the queues it serves), remember from which and why, and
     count it."""
     boot = STATE.boot
-    passed = next((c for c in boot.fallbacks if c.profile == report["profile"]), None)
+    # A safer variant of the chosen profile (more layers in bf16) keeps its choice; another profile is a fallback.
+    passed = boot.choice if report["profile"] == boot.choice.profile else next(
+        (c for c in boot.fallbacks if c.profile == report["profile"]), None)
     if passed is None:
         log.error("the rendering process reports profile %s, which is not among %s's fallbacks",
                   report["profile"], boot.choice.profile)
@@ -77,8 +80,9 @@ def _adopt_step_down(report: dict) -> None:
     STATE.step_down = {"downgraded_from": report["downgraded_from"], "downgrade_reason": report["reason"],
                        "boot_attempts": report.get("attempts", [])}
     kind = report["reason"].split(":", 1)[0]
-    metrics.count_profile_stepdown(boot.vram_class, report["downgraded_from"], passed.profile, kind)
-    log.warning("zfarm worker %s runs %s: %s failed its boot self-test (%s)", STATE.name, passed.profile,
+    to = report.get("downgraded_to") or passed.profile   # "profile:policy" for a safer variant
+    metrics.count_profile_stepdown(boot.vram_class, report["downgraded_from"], to, kind)
+    log.warning("zfarm worker %s runs %s: %s failed its boot self-test (%s)", STATE.name, to,
                 report["downgraded_from"], report["reason"])
 
 
@@ -108,6 +112,7 @@ class RegistryStep(bootsteps.StartStopStep):
         outcome, error, load_s, report = loading.load_outcome()
         if outcome == loading.READY:
             STATE.self_test = report.get("self_test", {})
+            STATE.policy, STATE.quality = report.get("policy", ""), report.get("quality", {})
             if report.get("downgraded_from"):
                 _adopt_step_down(report)
             STATE.ready = True

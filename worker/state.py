@@ -25,6 +25,8 @@ class WorkerState:
     # When the chosen profile failed its self-test: downgraded_from, downgrade_reason, boot_attempts.
     step_down: dict = field(default_factory=dict)
     failed: str = ""            # why the model did not load, when it did not: the worker then stops
+    policy: str = ""            # the quantisation policy of the variant that passed (worker.engine.policy)
+    quality: dict = field(default_factory=dict)   # its quality block (shared.calibration.quality_block)
 
     @property
     def claim(self) -> str:

@@ -204,7 +204,10 @@ def _note_render_facts(b, record: dict) -> None:
     if stepped:
         metrics.count_oom_stepdown(b.vram_class, stepped["from"], stepped["to"])
         STATE.step_down = {"downgraded_from": stepped["from"], "downgrade_reason": record["downgrade_reason"]}
-        _redis().hset(keys.worker(STATE.name), mapping={"profile": stepped["to"], **STATE.step_down})
+        # The profile stepped down to passed the quality gate too (worker.engine.diffusion): its block replaces.
+        STATE.policy, STATE.quality = record.get("policy", ""), record.get("quality", {})
+        _redis().hset(keys.worker(STATE.name), mapping={"profile": stepped["to"], "policy": STATE.policy,
+                                                        "quality": json.dumps(STATE.quality), **STATE.step_down})
 
 
 class RenderRequest(Request):

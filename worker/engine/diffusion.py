@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 
 from shared import profiles
-from shared.errors import BadOutput, NoWorkingProfile, OutOfMemory
+from shared.errors import BadOutput, CalibrationError, NoWorkingProfile, OutOfMemory, QualityFailed
 from shared.schema import JobSpec
 from worker.engine.render import RenderResult, encode_png
 
@@ -135,7 +135,9 @@ def check_pixels(images) -> dict:
 
 
 def failure_kind(exc: BaseException) -> str:
-    """What kind of boot failure `exc` is: out-of-memory, bad-output, compile, unsupported or error."""
+    """What kind of boot failure `exc` is: quality, out-of-memory, bad-output, compile, unsupported or error."""
+    if isinstance(exc, QualityFailed):
+        return "quality"
     if isinstance(exc, BadOutput):
         return "bad-output"
     if isinstance(exc, (RuntimeError, MemoryError)) and is_out_of_memory(exc):
@@ -162,6 +164,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
+# Failures a safer variant of the same profile (more layers in bf16: `worker.engine.policy`) may cure: its
+# images were judged degraded, or were NaN or constant.
+_PRECISION_FAILURES = ("quality", "bad-output")
+
+
+def variant_label(profile: str, policy_name: str) -> str:
+    """"fp8mm_compiled" for a profile with its own policy, "fp8mm_compiled:edges" for a safer variant."""
+    from worker.engine import specs
+
+    return profile if policy_name in ("", specs.policy_of(profile)) else f"{profile}:{policy_name}"
+
+
 class DiffusionRenderer:
     def __init__(self, settings, boot, table: dict | None = None):
         self.settings = settings
@@ -184,6 +198,12 @@ class DiffusionRenderer:
         self.boot_step_down: dict = {}         # {from, to, reason, attempts} when the chosen one failed
         self.self_test: dict = {}              # the warm-up image's check
         self.loading_profile = ""              # the profile being loaded (or last loaded)
+        self.policy = ""                       # its quantisation policy (worker.engine.policy)
+        self.lossy = False                     # whether the loaded variant computes below bf16 (specs.is_lossy)
+        # The quality gate's verdict on the loaded variant (shared.calibration.quality_block), from the judge
+        # `load()` was given; the judge runs again for a profile an out-of-memory step-down loads.
+        self.quality: dict = {}
+        self._judge = None
         self._versions: dict = {}
         # prompt text -> the text encoder's output for it (a list of one tensor, as the pipeline takes
         # it), kept on the CPU: on the GPU 256 long prompts would take up to 0.6 GiB, more than the
@@ -193,15 +213,22 @@ class DiffusionRenderer:
         self.prompt_cache_misses = 0
 
     # Loading
-    def load(self) -> None:
-        """Blocking: load the pipeline, apply the profile, then warm up and self-test (`settings.warmup`).
-        The worker reports itself ready only once this returns, so the first job does not pay for
-        compiling and a card that cannot render the profile never serves it.
+    def load(self, judge=None, policy: str = "") -> None:
+        """Blocking: load the pipeline, apply the profile, then warm up and self-test (`settings.warmup`),
+        then, with a `judge`, pass the quality gate. The worker reports itself ready only once this
+        returns, so the first job does not pay for compiling and a card that cannot render the profile,
+        or renders it degraded, never serves it.
 
         When the chosen profile fails (a compile error, an unsupported op, out of memory, or images that
         are not finite or are constant), its resources are freed and the next of `boot.fallbacks` is
-        tried, in order; `boot_step_down` says from which, to which and why. Raises NoWorkingProfile,
-        naming each profile tried with its error, when every one fails."""
+        tried, in order; `boot_step_down` says from which, to which and why.
+
+        `policy` loads the chosen profile with that quantisation policy instead of its own.
+        `judge(renderer)` returns the quality block of the loaded variant, or raises QualityFailed. A
+        lossy profile whose images fail it, or are NaN or constant, first steps to its safer variants
+        (`worker.engine.policy.safer`: more layers in bf16); when the last fails its quality judgement too,
+        only lossless profiles are tried after it. A CalibrationError (the gate itself cannot run) stops
+        the load. Raises NoWorkingProfile, naming each variant tried with its error, when every one fails."""
         if self.device == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
         caps = getattr(self.boot, "capabilities", None)
@@ -226,31 +253,66 @@ class DiffusionRenderer:
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, self.boot.cap_gib * 2**30 / total))
         self.load_stages_s = {"imports": round(t1 - t0, 2), "cuda_init": round(time.monotonic() - t1, 2)}
-        order = [self.profile] + [c.profile for c in getattr(self.boot, "fallbacks", ())]
+        self._judge = judge
         self.boot_attempts = []
-        for name in order:
+        first = (self.profile, policy)
+        passed = self._load_first_passing([first] + [(c.profile, "") for c in getattr(self.boot, "fallbacks", ())])
+        if passed != first:
+            failed = self.boot_attempts[0]
+            self.boot_step_down = {"from": variant_label(*first), "to": variant_label(*passed),
+                                   "reason": f"{failed['kind']}: {failed['error']}",
+                                   "attempts": list(self.boot_attempts)}
+            log.warning("stepped down from %s to %s: %s", self.boot_step_down["from"], self.boot_step_down["to"],
+                        self.boot_step_down["reason"])
+
+    def _load_first_passing(self, queue: list[tuple[str, str]]) -> tuple[str, str]:
+        """Load the first (profile, policy) of `queue` that passes the self-test and the judge, stepping to
+        safer variants as `load()` says; each attempt is added to `boot_attempts`. Returns the one that
+        passed; raises NoWorkingProfile when none did."""
+        queue = list(queue)
+        while queue:
+            name, policy_name = queue.pop(0)
             try:
-                self._load_profile(name)
+                self._load_profile(name, policy_name)
                 if self.settings.warmup:
                     self._warm_up()
                     self.load_stages_s["warmup"] = self.warmup_s
                 else:
                     self.self_test = {"skipped": "ZFARM_WARMUP is off: no warm-up image to check"}
-            except Exception as exc:  # a profile this card cannot run: record why, free it, try the next
-                failure = {"profile": name, "kind": failure_kind(exc), "error": _one_line(exc)}
+                self.quality = self._judge(self) if self._judge is not None else {}
+            except CalibrationError:
+                self._discard_failed_profile()
+                raise
+            except Exception as exc:  # a variant this card cannot run, or runs degraded: record why, free it
+                failure = {"profile": name, "policy": self.policy, "kind": failure_kind(exc), "error": _one_line(exc)}
+                if isinstance(exc, QualityFailed):
+                    failure["quality"] = exc.quality
                 self.boot_attempts.append(failure)
-                log.error("profile %s failed its boot self-test (%s): %s", name, failure["kind"], failure["error"])
+                log.error("profile %s failed its boot self-test (%s): %s", variant_label(name, self.policy),
+                          failure["kind"], failure["error"])
+                queue = self._after_failure(name, failure["kind"], queue, getattr(exc, "try_safer", True))
                 self._discard_failed_profile()
                 continue
-            self.boot_attempts.append({"profile": name, "kind": "ok", "error": ""})
-            if name != order[0]:
-                first = self.boot_attempts[0]
-                self.boot_step_down = {"from": order[0], "to": name, "reason": f"{first['kind']}: {first['error']}",
-                                       "attempts": list(self.boot_attempts)}
-                log.warning("stepped down from %s to %s: %s", order[0], name, self.boot_step_down["reason"])
+            self.boot_attempts.append({"profile": name, "policy": self.policy, "kind": "ok", "error": ""})
             self.profile = name
-            return
+            return name, policy_name
         raise NoWorkingProfile(self.boot_attempts)
+
+    def _after_failure(self, name: str, kind: str, queue: list[tuple[str, str]],
+                       try_safer: bool = True) -> list[tuple[str, str]]:
+        """What to try after variant (`name`, `self.policy`) failed with `kind`: its safer variant first
+        where precision may be the cause; after a quality failure with no safer variant left (or none
+        worth trying: the gate had no references to judge any by), only the lossless profiles of the rest."""
+        from worker.engine import policy, specs
+
+        if not self.lossy or kind not in _PRECISION_FAILURES:
+            return queue
+        safer = policy.safer(self.policy) if try_safer else None
+        if safer is not None:
+            return [(name, safer)] + queue
+        if kind == "quality":
+            return [(n, p) for n, p in queue if not specs.lossy_on(n, self.device, p)]
+        return queue
 
     def _discard_failed_profile(self) -> None:
         """Free what a failed profile left: its pipeline, compiled graphs and cached prompt embeddings."""
@@ -277,26 +339,32 @@ class DiffusionRenderer:
         log.info("warm-up call (%dx%d, 1 step) took %.1f s; compiling in it: %s; self-test %s", side, side,
                  self.warmup_s, self.warmup_compile, self.self_test)
 
-    def _load_profile(self, name: str) -> None:
+    def _load_profile(self, name: str, policy_name: str = "") -> None:
+        """Load the pipeline and apply profile `name` with quantisation policy `policy_name` ("": the
+        profile's own). On a CPU every GPU profile applies as "cpu"; the CPU's own lossy profiles apply
+        as themselves."""
         from worker.engine import pipeline, placement, specs
 
-        applied = name if self.device == "cuda" else specs.CPU_PROFILE
+        applied = specs.applied_on(name, self.device)
         self.loading_profile = name
+        self.policy = policy_name or specs.policy_of(applied)
+        overrides = {"quant_policy": policy_name} if policy_name else None
+        self.lossy = specs.lossy_on(name, self.device, policy_name)
         t0 = time.monotonic()
-        dtype = pipeline.load_dtype(specs.spec_for(applied), self.device)
-        gpu_parts = specs.gpu_components(applied) if self.device == "cuda" else ()
+        dtype = pipeline.load_dtype(specs.spec_for(applied, overrides), self.device)
+        gpu_parts = specs.gpu_components(applied, overrides) if self.device == "cuda" else ()
         pipe = pipeline.load_pipeline(self.settings.model, dtype, self.settings.model_cache_dir,
                                       gpu_components=gpu_parts, device=self.device,
-                                      stream_loaded=specs.stream_loaded(applied) if self.device == "cuda" else None)
+                                      stream_loaded=specs.stream_loaded(applied, overrides) if self.device == "cuda" else None)
         t1 = time.monotonic()
-        placement.apply_profile(pipe, applied, self.device)
+        placement.apply_profile(pipe, applied, self.device, overrides)
         pipe.set_progress_bar_config(disable=True)
         self.pipe, self.applied, self.dtype = pipe, applied, dtype
         self.load_s = round(time.monotonic() - t0, 2)
         # "read" includes importing the pipeline's classes, which diffusers and transformers do lazily.
         self.load_stages_s.update({"read": round(t1 - t0, 2), "place": round(time.monotonic() - t1, 2)})
-        log.info("loaded %s with profile %s (applied as %s) in %.1f s", self.settings.model, name, applied,
-                 self.load_s)
+        log.info("loaded %s with profile %s (applied as %s, policy %s) in %.1f s", self.settings.model, name, applied,
+                 self.policy, self.load_s)
 
     def _release(self, drop_pipeline: bool) -> None:
         """Return freed device memory to the driver; optionally drop the pipeline first."""
@@ -309,7 +377,9 @@ class DiffusionRenderer:
             torch.cuda.empty_cache()
 
     def _switch(self, name: str) -> None:
-        """Drop the pipeline (hooks, casts and compiled blocks go with it) and load `name` afresh."""
+        """Drop the pipeline (hooks, casts and compiled blocks go with it) and load `name` afresh, through
+        the quality gate `load()` was given: a lossy profile serves only once it passed, or one of its
+        safer variants did (NoWorkingProfile when none did)."""
         import torch
 
         self._release(drop_pipeline=True)
@@ -317,8 +387,15 @@ class DiffusionRenderer:
         # in fp8: keeping them would give other pixels than the new profile gives for the same job.
         self._prompt_cache.clear()
         torch._dynamo.reset()
-        self._load_profile(name)
-        self.profile = name
+        if self._judge is None:
+            self._load_profile(name)
+            self.profile = name
+            return
+        self._load_first_passing([(name, "")])
+
+    def close(self) -> None:
+        """Drop the pipeline and free its memory (a renderer loaded only to render calibration references)."""
+        self._discard_failed_profile()
 
     def table(self) -> dict:
         if self._table is None:
@@ -327,8 +404,9 @@ class DiffusionRenderer:
 
     # Rendering
     def describe(self) -> dict:
-        return {"renderer": "diffusers", "profile": self.profile, "applied": self.applied, "device": self.device,
-                "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
+        return {"renderer": "diffusers", "profile": self.profile, "policy": self.policy, "lossy": self.lossy,
+                "quality": dict(self.quality), "applied": self.applied, "device": self.device, "gpu": self.boot.gpu,
+                "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                 "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
                 "load_s": self.load_s, "warmup_s": self.warmup_s, "load_stages_s": dict(self.load_stages_s),
                 "warmup_compile": dict(self.warmup_compile),
@@ -385,6 +463,11 @@ class DiffusionRenderer:
         return (out.images[0], round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 round(torch.cuda.max_memory_allocated() / 2**30, 2), hit)
 
+    def render_image(self, spec: JobSpec):
+        """The image of one job, as `render` would draw it, without its PNG and facts: what calibration
+        probes are (`worker.engine.quality`)."""
+        return self._generate(spec)[0]
+
     def _attempt(self, spec: JobSpec):
         """(result, None) or (None, error text) when the call ran out of memory. The exception is not
         kept: its traceback holds the frames, and their tensors, that must be freed before a retry."""
@@ -397,7 +480,7 @@ class DiffusionRenderer:
 
     def render(self, spec: JobSpec) -> RenderResult:
         if self.pipe is None:
-            self.load()
+            self.load(self._judge)
         t0 = time.monotonic()
         downgraded_from = None
         result, error = self._attempt(spec)
@@ -424,7 +507,8 @@ class DiffusionRenderer:
                                   f"({spec.width}x{spec.height}): {error}")
         image, peak_reserved_gib, peak_alloc_gib, prompt_cache_hit = result
         render_s = time.monotonic() - t0
-        facts = {"renderer": "diffusers", "profile": self.profile, "applied": self.applied, "device": self.device,
+        facts = {"renderer": "diffusers", "profile": self.profile, "policy": self.policy,
+                 "quality": dict(self.quality), "applied": self.applied, "device": self.device,
                  "gpu": self.boot.gpu, "vram_class": self.boot.vram_class, "cap_gib": self.boot.cap_gib,
                  "model": self.settings.model, "dtype": str(self.dtype).replace("torch.", ""),
                  "peak_vram_gib": peak_reserved_gib, "peak_alloc_gib": peak_alloc_gib,

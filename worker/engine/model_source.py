@@ -6,7 +6,9 @@ the worker with a clear message instead of failing jobs; `worker.engine.pipeline
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from shared.errors import ModelNotFound
@@ -109,3 +111,41 @@ def resolve_model(model: str, cache_dir: str = "") -> str:
     if _looks_like_path(model):
         raise _not_found(model, tried)
     return _from_hugging_face(model, cache_dir, tried)
+
+
+# A file up to this size is hashed whole for the revision; a larger one by its safetensors header and
+# REVISION_SAMPLES evenly spaced pieces of REVISION_SAMPLE_BYTES, so the full model's 20 GB are not read.
+REVISION_WHOLE_BYTES = 256 * 2**20
+REVISION_SAMPLES = 16
+REVISION_SAMPLE_BYTES = 2**20
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def model_revision(folder: str | Path) -> str:
+    """What names a model's weights for the quality gate (references and results are kept by it): the
+    Hugging Face snapshot's commit when the folder is one ("hf-<commit>"), else a hash of the folder's
+    configuration, tokenizer and weight files ("sha-<16 hex>"). Any edit of a config, a header or the
+    weights a sample reaches gives another revision; a tiny test model has one like any other."""
+    folder = Path(folder).expanduser().resolve()
+    if folder.parent.name == "snapshots" and _COMMIT.match(folder.name):
+        return f"hf-{folder.name}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder))):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        size = path.stat().st_size
+        digest.update(str(size).encode() + b"\0")
+        with open(path, "rb") as fh:
+            if size <= REVISION_WHOLE_BYTES:
+                digest.update(fh.read())
+                continue
+            if path.suffix == ".safetensors":
+                header_len = int.from_bytes(fh.read(8), "little")
+                digest.update(fh.read(min(header_len, REVISION_WHOLE_BYTES)))
+            for i in range(REVISION_SAMPLES):
+                fh.seek(size * i // REVISION_SAMPLES)
+                digest.update(fh.read(REVISION_SAMPLE_BYTES))
+    return f"sha-{digest.hexdigest()[:16]}"
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)

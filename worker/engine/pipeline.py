@@ -86,8 +86,8 @@ def _load(folder: str, dtype, gpu_components, device: str, stream_loaded: dict |
 
     preloaded = {}
     # The DiT first: the largest, read while the least else is held.
-    for name, where in sorted((stream_loaded or {}).items(), key=lambda item: item[0] != "transformer"):
-        preloaded[name] = placement.load_stored(folder, name, where, dtype, device)
+    for name, (where, quant_policy) in sorted((stream_loaded or {}).items(), key=lambda item: item[0] != "transformer"):
+        preloaded[name] = placement.load_stored(folder, name, where, dtype, device, quant_policy=quant_policy)
     for name in gpu_components:
         # Streams the weights from the files onto the device: no host copy of this component.
         preloaded[name] = _component_loader(name).from_pretrained(
@@ -101,7 +101,7 @@ def load_pipeline(model: str, dtype, cache_dir: str = "", gpu_components=(), dev
     resolved by `worker.engine.model_source`) with weights in `dtype`.
 
     `gpu_components` (names from COMPONENTS) load straight onto `device`; `stream_loaded` ({name:
-    placement}, `specs.stream_loaded`) load tensor by tensor in their placement's stored form; the rest
+    (placement, quantisation policy)}, `specs.stream_loaded`) load tensor by tensor in their placement's stored form; the rest
     load on the CPU. Raises ModelNotFound when no source has the model.
     """
     folder = model_source.resolve_model(model, cache_dir)

@@ -37,6 +37,8 @@ def convert_weights(module, placement: str, device, compute_dtype, spec: Spec, h
     import torch
     from diffusers.hooks import apply_layerwise_casting
 
+    from worker.engine import policy
+
     is_dit = hasattr(module, "noise_refiner")
     if placement.startswith("int8mm"):
         from worker.engine import int8
@@ -44,38 +46,43 @@ def convert_weights(module, placement: str, device, compute_dtype, spec: Spec, h
         # int8 matmuls only in the DiT, as for fp8: the text encoder runs once per prompt, and its weights
         # dequantised keep its activations exact. A component loaded by `load_stored` has nothing left to convert.
         int8.convert(module, compute_dtype, int8.has_int8_matmul(device) and is_dit, work_device=device,
-                     out_device=device if placement in RESIDENT else host)
+                     out_device=device if placement in RESIDENT else host,
+                     pattern=policy.pattern(module, spec.quant_policy))
     elif placement.startswith("fp8mm"):
-        from worker.engine import fp8
+        from worker.engine import fp8, fp8_recipes
 
         # fp8 matmuls only in the DiT, where the compute is: the text encoder runs once per image on one
-        # 512-token prompt, so rounding its activations to fp8 too would buy nothing measurable.
+        # 512-token prompt, so rounding its activations to fp8 too would buy nothing measurable. On a CPU
+        # the DiT's fp8 matmuls are emulated, so that the CPU's lossy profiles lose what a GPU's would.
         fp8_matmul = fp8.has_fp8_matmul(device) and is_dit
-        fp8.convert(module, compute_dtype, fp8_matmul, work_device=device,
-                    out_device=device if placement in RESIDENT else host, fast_accum=spec.fp8_fast_accum)
-    elif placement.startswith("fp8"):
+        fp8_recipes.convert(module, policy.pattern(module, spec.quant_policy), compute_dtype, fp8_matmul,
+                            scaling=spec.fp8_scaling, emulate=is_dit and _device_type(device) == "cpu",
+                            work_device=device, out_device=device if placement in RESIDENT else host,
+                            fast_accum=spec.fp8_fast_accum)
+    elif placement.startswith("fp8") and policy.quantises_anything(spec.quant_policy):
         # Cast on the host, before the move: the bf16 weights would not fit beside the rest on a small card.
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                                skip_modules_pattern=_skip_patterns(module))
+                                skip_modules_pattern=_skip_patterns(module)
+                                + policy.kept_patterns(module, spec.quant_policy))
     if is_dit and spec.fuse_projections:
         _fuse(module, spec)
 
 
-def load_stored(folder: str, component: str, placement: str, dtype, device, host="cpu"):
+def load_stored(folder: str, component: str, placement: str, dtype, device, host="cpu", quant_policy: str = ""):
     """Component `component` of the pipeline in `folder`, read from its files one tensor at a time into the
     form `placement` stores (int8mm*: its target layers quantised on `device` as `convert_weights` would),
     the rest in `dtype`; on `device` for a resident placement, else on `host`. Neither the host nor the GPU
     holds the component in `dtype` whole (`worker.engine.streamload`)."""
     import torch
 
-    from worker.engine import int8, pipeline, streamload
+    from worker.engine import int8, pipeline, policy, streamload
 
     if not placement.startswith("int8mm"):
         raise ProfileError(f"placement {placement!r} is not loaded tensor by tensor (only int8mm ones are)")
     model = pipeline.empty_component(folder, component, dtype)
     int8_matmul = int8.has_int8_matmul(device) and hasattr(model, "noise_refiner")
     out_device = torch.device(device if placement in RESIDENT else host)
-    pattern = int8.targets_for(model)
+    pattern = policy.pattern(model, quant_policy or policy.DEFAULT)
     targets = [name for name, module in model.named_modules() if int8.convertible(name, module, pattern)]
 
     def quantised(weight, bias):
@@ -190,6 +197,8 @@ def apply_profile(pipe, name: str, device="cuda", overrides: dict | None = None,
     kind = _device_type(device)
     if spec.recipe == "cpu":
         pipe.to("cpu")
+        if spec.transformer != "gpu":   # a CPU lossy profile (specs.cpu_fp8): its DiT's weights in fp8
+            convert_weights(pipe.transformer, spec.transformer, "cpu", pipe.transformer.dtype, spec)
         return spec
     if kind == "cpu" and cpu_trial and not spec.recipe:
         spec, _ = on_cpu(spec)

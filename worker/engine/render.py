@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from shared.calibration import NOT_APPLICABLE, quality_block
 from shared.routing import work_units
 from shared.schema import JobSpec
 
@@ -38,6 +39,10 @@ def encode_png(image: Image.Image, spec: JobSpec, extra: dict) -> bytes:
     return buf.getvalue()
 
 
+# The quality gate does not concern a renderer that draws no model's images.
+SIMULATED_QUALITY = quality_block(NOT_APPLICABLE, reason="simulated renderer: no model renders")
+
+
 class SimulatedRenderer:
     """Sleeps `s_per_image` per 1024x1024 8-step image (scaled by pixels and steps) and draws a small
     deterministic picture. Never the default: every result it writes says `simulated`."""
@@ -51,7 +56,8 @@ class SimulatedRenderer:
         pass
 
     def describe(self) -> dict:
-        return {"renderer": "simulated", "profile": self.profile, "simulate_s": self.s_per_image}
+        return {"renderer": "simulated", "profile": self.profile, "simulate_s": self.s_per_image,
+                "quality": dict(SIMULATED_QUALITY)}
 
     def render(self, spec: JobSpec) -> RenderResult:
         t0 = time.monotonic()
@@ -62,6 +68,6 @@ class SimulatedRenderer:
         size = (max(1, round(spec.width / scale)), max(1, round(spec.height / scale)))
         image = Image.new("RGB", size, tuple(digest[:3]))
         facts = {"simulated": True, "profile": self.profile, "model": self.model,
-                 "image_size": list(size)}
+                 "image_size": list(size), "quality": dict(SIMULATED_QUALITY)}
         png = encode_png(image, spec, facts)
         return RenderResult(png=png, render_s=time.monotonic() - t0, facts=facts)

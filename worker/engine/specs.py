@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from shared import archs
 from shared.errors import ProfileError
-from worker.engine import compile_modes
+from worker.engine import compile_modes, policy
 
 PLACEMENTS = ("gpu", "fp8", "stream", "stream_lowmem", "fp8_stream", "fp8_stream_lowmem", "fp8mm", "fp8mm_stream",
               "fp8mm_stream_lowmem", "int8mm", "int8mm_stream")
@@ -47,6 +47,10 @@ COMPUTE_DTYPES = ("bf16", "float32")
 COMPILE_MODES = ("", "fullgraph", "graph_breaks")
 RECIPES = ("", "model_offload", "sequential", "cpu")
 CPU_PROFILE = "cpu"
+
+
+# Placements whose weights a quantisation policy concerns.
+QUANTISED_PLACEMENTS = ("fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class Spec:
     triton_ops: bool = False        # those kernels as triton_ops, launched by inductor's code, not custom ops
     # What the components load and compute in: "bf16", or "float32" where the card has no bf16 (Turing).
     compute_dtype: str = "bf16"
+    quant_policy: str = policy.DEFAULT  # which layers fp8 placements quantise (worker.engine.policy)
+    fp8_scaling: str = "rowwise"    # how native fp8 layers are scaled (worker.engine.fp8_recipes); "tensor": naive
 
     def __post_init__(self):
         for part in (self.transformer, self.text_encoder):
@@ -114,6 +120,13 @@ class Spec:
             raise ValueError("pinned_arena and pinned_exact both size the pinned weights: choose one")
         if self.pinned_exact and self.transformer in RESIDENT and self.text_encoder in RESIDENT:
             raise ValueError("pinned_exact concerns streamed weights: this profile streams none")
+        policy.check(self.quant_policy)
+        if self.fp8_scaling not in ("rowwise", "tensor"):
+            raise ValueError(f"unknown fp8 scaling {self.fp8_scaling!r} (known: rowwise, tensor)")
+        if self.fp8_scaling == "tensor" and (self.fuse_projections or self.gate_kernel):
+            raise ValueError("the per-tensor fp8 recipe is a plain layer: it does not combine with fuse_projections")
+        if self.recipe == "cpu" and (self.text_encoder != "gpu" or self.transformer not in ("gpu", "fp8mm")):
+            raise ValueError("the cpu recipe keeps the text encoder as loaded and the DiT as loaded or in fp8mm")
         if self.te_graph and self.text_encoder not in ("gpu", "fp8mm", "int8mm"):
             raise ValueError("te_graph needs a resident text encoder (gpu, fp8mm or int8mm): moving weights cannot "
                              "be captured")
@@ -278,6 +291,13 @@ SPECS: dict[str, Spec] = {
     "sequential": Spec("enable_sequential_cpu_offload: every layer copied at use; last resort",
                        recipe="sequential"),
     "cpu": Spec("float32 on the CPU, no GPU", recipe="cpu"),
+    # The CPU's lossy profiles: the DiT's block projections in fp8, their fp8 matmuls emulated in float32
+    # (worker.engine.fp8_recipes). Never in the table; they show on a CPU what the GPU's fp8 loses, which
+    # the quality gate (docs/quality.md) and its tests need.
+    "cpu_fp8": Spec("float32 on the CPU with the DiT's block projections in fp8, row-wise scales (the GPU "
+                    "profiles' recipe, emulated)", recipe="cpu", transformer="fp8mm"),
+    "cpu_fp8_naive": Spec("cpu_fp8 with one fp8 scale per tensor and no floor: the naive recipe the quality "
+                          "gate must catch", recipe="cpu", transformer="fp8mm", fp8_scaling="tensor"),
 }
 
 PROFILES: dict[str, str] = {name: spec.description for name, spec in SPECS.items()}
@@ -289,8 +309,10 @@ def is_lossy(spec: Spec) -> bool:
     found its images not visibly different (`shared.profiles`). Compilation alone does not count."""
     placements = (spec.transformer, spec.text_encoder)
     # Tiled VAE decoding alone is not counted: alone it stays within the fidelity rule (bench/vae_tiling.py).
-    # Each fp8 or int8 profile is judged on its own end-to-end comparison, tiles included.
-    return any(p.startswith(("fp8", "int8")) for p in placements) or bool(spec.attention)
+    # Each fp8 or int8 profile is judged on its own end-to-end comparison, tiles included. A policy that
+    # quantises nothing (bf16) leaves fp8 and int8 placements in the load dtype.
+    quantised = any(p.startswith(QUANTISED_PLACEMENTS) for p in placements) and policy.quantises_anything(spec.quant_policy)
+    return quantised or bool(spec.attention)
 
 
 # torch.library.triton_op, which `triton_ops` declares the kernels with, came in this torch release.
@@ -340,6 +362,32 @@ def requirements(spec: Spec) -> tuple[str, ...]:
     return tuple(sorted(needs))
 
 
+def applied_on(name: str, device: str) -> str:
+    """The profile that runs when profile `name` is asked for on `device` ("cuda" or "cpu"): itself on a
+    GPU and for the CPU's own profiles (recipe "cpu"); "cpu" for every GPU profile on a CPU."""
+    spec = SPECS.get(name)
+    return name if device == "cuda" or (spec is not None and spec.recipe == "cpu") else CPU_PROFILE
+
+
+def policy_of(name: str) -> str:
+    """The quantisation policy profile `name` applies (`worker.engine.policy`): its spec's, or "none" for a
+    profile with no fp8 or int8 placement, which the policies do not concern; "" for a name no spec has."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return ""
+    return spec.quant_policy if any(p.startswith(QUANTISED_PLACEMENTS) for p in (spec.transformer, spec.text_encoder)) \
+        else "none"
+
+
+def lossy_on(name: str, device: str, policy_name: str = "") -> bool:
+    """Whether profile `name` on `device`, with quantisation policy `policy_name` ("": its own), computes
+    below bf16 (`is_lossy`). A name no spec has counts as lossless (tests use such names)."""
+    applied = applied_on(name, device)
+    if applied not in SPECS:
+        return False
+    return is_lossy(spec_for(applied, {"quant_policy": policy_name} if policy_name else None))
+
+
 def spec_for(name: str, overrides: dict | None = None) -> Spec:
     try:
         spec = SPECS[name]
@@ -348,14 +396,14 @@ def spec_for(name: str, overrides: dict | None = None) -> Spec:
     return dataclasses.replace(spec, **overrides) if overrides else spec
 
 
-def stream_loaded(name: str, overrides: dict | None = None) -> dict[str, str]:
+def stream_loaded(name: str, overrides: dict | None = None) -> dict[str, tuple[str, str]]:
     """Components this profile loads from the files already quantised, one tensor at a time
-    (`worker.engine.streamload`), by placement: {"transformer": "int8mm", ...}."""
+    (`worker.engine.streamload`): {"transformer": ("int8mm", quantisation policy), ...}."""
     spec = spec_for(name, overrides)
     if spec.recipe:
         return {}
-    return {part: placement for part, placement in (("transformer", spec.transformer),
-                                                    ("text_encoder", spec.text_encoder))
+    return {part: (placement, spec.quant_policy) for part, placement in (("transformer", spec.transformer),
+                                                                        ("text_encoder", spec.text_encoder))
             if placement in STREAM_LOADED}
 
 

@@ -112,11 +112,13 @@ def _build(out: str | Path, transformer_cfg: dict, text_cfg: dict, vae_channels:
             "save_s": round(time.monotonic() - t0 - init_s, 1)}
 
 
-def build_tiny(out: str | Path) -> dict:
-    """Write the tiny random pipeline (float32, seeded) to `out`; returns a summary."""
+def build_tiny(out: str | Path, **transformer: int) -> dict:
+    """Write the tiny random pipeline (float32, seeded) to `out`; returns a summary. `transformer` changes
+    the DiT's configuration (n_layers=6: more main blocks)."""
     import torch
 
-    return _build(out, TINY_TRANSFORMER, TINY_TEXT_ENCODER, TINY_VAE_CHANNELS, 1, None, torch.float32, "cpu")
+    return _build(out, {**TINY_TRANSFORMER, **transformer}, TINY_TEXT_ENCODER, TINY_VAE_CHANNELS, 1, None,
+                  torch.float32, "cpu")
 
 
 def build_full(out: str | Path, device: str | None = None) -> dict:
