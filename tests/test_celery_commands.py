@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -32,21 +33,28 @@ def test_celery_inspect_ping_stats_active_queues_and_status_get_the_workers_repl
     worker = start_worker(file_storage_url, (*SIMULATE, "--vram-gb", "12"))
     name = worker.registration["name"]
 
-    ping = celery(redis_server, file_storage_url, "inspect", "ping", "--timeout", "10", "--json")
+    # At once: each command is a fresh `celery` process. Naming the destination lets inspect return as soon
+    # as the worker replied, instead of waiting out its timeout for others.
+    commands = {"ping": ("inspect", "ping", "-d", name, "--timeout", "10", "--json"),
+                "stats": ("inspect", "stats", "-d", name, "--timeout", "10", "--json"),
+                "queues": ("inspect", "active_queues", "-d", name, "--timeout", "10", "--json"),
+                "status": ("status", "--timeout", "10")}
+    with ThreadPoolExecutor(len(commands)) as pool:
+        done = dict(zip(commands, pool.map(lambda args: celery(redis_server, file_storage_url, *args),
+                                           commands.values())))
+    ping, stats, queues, status = done["ping"], done["stats"], done["queues"], done["status"]
+
     assert ping.returncode == 0, ping.stderr
     assert json.loads(ping.stdout) == {name: {"ok": "pong"}}
 
-    stats = celery(redis_server, file_storage_url, "inspect", "stats", "--timeout", "10", "--json")
     assert stats.returncode == 0, stats.stderr
     zfarm = json.loads(stats.stdout)[name]["zfarm"]
     assert zfarm["vram_class"] == 12 and zfarm["profile"] == "te_stream_fp8" and zfarm["ready"] is True
 
-    queues = celery(redis_server, file_storage_url, "inspect", "active_queues", "--timeout", "10", "--json")
     assert queues.returncode == 0, queues.stderr
     consumed = {q["name"] for q in json.loads(queues.stdout)[name]}
     assert {"zfarm.high.any.0", "zfarm.normal.any.3", "zfarm.low.any.0"} <= consumed
 
-    status = celery(redis_server, file_storage_url, "status", "--timeout", "10")
     assert status.returncode == 0 and f"{name}: OK" in status.stdout and "1 node online" in status.stdout
 
     assert "dropped a queue item" not in ping.stderr + stats.stderr + queues.stderr + status.stderr

@@ -10,12 +10,10 @@ from PIL import Image
 
 from farm import REPO
 from farm_fixtures import TEST_TABLE
-from worker.engine import tiny
 
 
-def test_the_cold_start_benchmark_times_a_worker_that_takes_its_job_only_once_ready(tmp_path):
-    model = tmp_path / "tiny"
-    tiny.build_tiny(model)
+def test_the_cold_start_benchmark_times_a_worker_that_takes_its_job_only_once_ready(tmp_path, tiny_dir):
+    model = tiny_dir
     jsonl, keep = tmp_path / "cold_start.jsonl", tmp_path / "kept"
     env = dict(os.environ, ZFARM_PROFILE_TABLE=str(TEST_TABLE), ZFARM_DEVICE="cpu",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))

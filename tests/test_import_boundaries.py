@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import worker
 import worker.engine
 
@@ -45,10 +43,13 @@ def test_the_layout_lists_the_modules_these_checks_walk():
             "worker.engine.kernels.silu_gate", "worker.engine.kernels.qk_norm_rope"} <= set(engine_modules())
 
 
-@pytest.mark.parametrize("module", celery_side_modules() + ["worker.flower_app"])
-def test_a_celery_side_module_loads_neither_torch_nor_diffusers(module):
-    loaded = loaded_after_importing([module])
-    assert not loaded & set(GPU_LIBRARIES), f"{module} loads {sorted(loaded & set(GPU_LIBRARIES))}"
+def test_no_celery_side_module_nor_flowers_app_loads_torch_or_diffusers():
+    modules = celery_side_modules() + ["worker.flower_app"]
+    # One interpreter for all (what none of them loads together, none loads alone); the culprits are
+    # named module by module only when that fails.
+    loaded = loaded_after_importing(modules) & set(GPU_LIBRARIES)
+    culprits = {m: sorted(loaded_after_importing([m]) & set(GPU_LIBRARIES)) for m in modules} if loaded else {}
+    assert not loaded, {m: libs for m, libs in culprits.items() if libs}
 
 
 def test_the_whole_engine_loads_neither_celery_nor_redis():

@@ -5,31 +5,23 @@ from __future__ import annotations
 
 import logging
 
-from celery import bootsteps
-
 from shared import keys, routing
-from shared.redis_conn import connect
 from worker import config
-from worker.registration import RegistryStep
+from worker.registration import RegistryStep, TimedStep
 from worker.sweeper import requeue_lost_jobs, sweep_dead_claims
 from worker.webhooks import deliver_finished
 
 log = logging.getLogger(__name__)
 
 
-class HousekeepingStep(bootsteps.StartStopStep):
+class HousekeepingStep(TimedStep):
     """Consumer step: the dead-worker sweep, the lost-message scan and webhook delivery, on timers."""
 
     requires = (RegistryStep,)
 
-    def __init__(self, c, **kwargs):
-        super().__init__(c, **kwargs)
-        self.timers = []
-        self.client = None
-
     def start(self, c):
         settings = config.settings()
-        self.client = connect(settings.redis_url, master_name=settings.redis_master_name)
+        self.connect(settings)
         self.timers = [c.timer.call_repeatedly(settings.heartbeat_s, self._chores, (settings,), priority=5)]
 
     def _chores(self, settings):
@@ -55,11 +47,6 @@ class HousekeepingStep(bootsteps.StartStopStep):
 
     def _webhooks(self, settings):
         deliver_finished(self.client, settings.webhook_timeout_s, settings.webhook_allowed_networks)
-
-    def stop(self, c):
-        for timer in self.timers:
-            timer.cancel()
-        self.timers = []
 
     def shutdown(self, c):
         self.stop(c)

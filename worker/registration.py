@@ -86,19 +86,32 @@ def _adopt_step_down(report: dict) -> None:
                 report["downgraded_from"], report["reason"])
 
 
-class RegistryStep(bootsteps.StartStopStep):
-    """Consumer step: registration, heartbeat and the readiness gate."""
-
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+class TimedStep(bootsteps.StartStopStep):
+    """A consumer step that runs on Celery's timer with a Redis client of its own: `start` opens the
+    client, `stop` cancels the timers it started."""
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
         self.timers = []
         self.client = None
 
+    def connect(self, settings):
+        self.client = connect(settings.redis_url, master_name=settings.redis_master_name)
+
+    def stop(self, c):
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+
+
+class RegistryStep(TimedStep):
+    """Consumer step: registration, heartbeat and the readiness gate."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
     def start(self, c):
         settings = config.settings()
-        self.client = connect(settings.redis_url, master_name=settings.redis_master_name)
+        self.connect(settings)
         registry.register(self.client, registration(settings), settings.registry_ttl_s)
         if STATE.ready:
             self._consume(c)
@@ -143,11 +156,6 @@ class RegistryStep(bootsteps.StartStopStep):
         if not registry.heartbeat(self.client, STATE.name, settings.registry_ttl_s, jobs=held_jobs()):
             log.warning("registry entry of %s had expired; registering again", STATE.name)
             registry.register(self.client, registration(settings), settings.registry_ttl_s)
-
-    def stop(self, c):
-        for timer in self.timers:
-            timer.cancel()
-        self.timers = []
 
     def shutdown(self, c):
         self.stop(c)
