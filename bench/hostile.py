@@ -46,16 +46,30 @@ NAIVE = {"cuda": "fp8mm_compiled+fp8_scaling=tensor+compile=+vae_compile=false",
 CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
-def default_items(device: str) -> list[str]:
-    """Every lossy profile the shipped table picks for some class (largest classes first), then the naive
-    recipe: under a deadline the shipped profiles' figures come first."""
+# The host-memory sizes the chooser is asked about besides "enough": a 16 GiB host picks other profiles
+# for small cards (the RTX 3060 class).
+HOST_RAM_GIB = (None, 16)
+
+
+def default_items(device: str, torch_version: str = "2.11.0", triton_version: str = "3.6.0") -> list[str]:
+    """Every lossy profile the shipped table picks for some class on some architecture with this torch and
+    Triton, under enough and under 16 GiB of host memory (Hopper's largest classes first, then the other
+    architectures', newest first), then the naive recipe: under a deadline Hopper's figures come first."""
     if device != "cuda":
         return ["cpu_fp8", NAIVE["cpu"]]
+    from shared import archs
+
     table = table_rules.load_table()
-    chosen = [row["profile"] for row in reversed(table_rules.class_table(table)) if row.get("profile")]
-    lossy = [name for name in dict.fromkeys(chosen) if any(r.get("lossy") for r in table["runs"]
-                                                            if r.get("profile") == name)]
-    return [*lossy, NAIVE["cuda"]]
+    lossy_names = {r["profile"] for r in table["runs"] if r.get("lossy")}
+    chosen = []
+    measured_here = "sm_90"   # the lent H100's: its profiles first, then the newest architectures'
+    order = sorted(archs.ARCHS, key=lambda name: (name != measured_here, [-n for n in archs.ARCHS[name].compute_capability]))
+    for arch in order:
+        caps = archs.capabilities(arch, torch_version, triton_version)
+        for ram_gib in HOST_RAM_GIB:
+            rows = table_rules.class_table(table, ram_gib=ram_gib, caps=caps)
+            chosen += [row["profile"] for row in reversed(rows) if row.get("profile") in lossy_names]
+    return [*dict.fromkeys(chosen), NAIVE["cuda"]]
 
 
 def split_item(item: str) -> tuple[str, dict]:
@@ -199,7 +213,7 @@ def run_all(args) -> list[dict]:
         return []
     print(f"reference {reference['item']}: s/img={reference['s_per_image']} activations "
           f"{reference.get('linear_inputs')}", flush=True)
-    queue = list(args.items or default_items(args.device))
+    queue = list(args.items or default_items(args.device, *_versions()))
     results = []
     while queue:
         item = queue.pop(0)
@@ -220,6 +234,17 @@ def run_all(args) -> list[dict]:
                 specs.spec_for(record["profile"], {**record["overrides"], "quant_policy": safer})):
             queue.insert(0, "+".join([item.split("+quant_policy=")[0], f"quant_policy={safer}"]))
     return results
+
+
+def _versions() -> tuple[str, str]:
+    """The installed torch's and Triton's versions ("" where absent), which decide what each arch can run."""
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return torch.__version__, triton_version
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -33,3 +33,18 @@ def test_on_the_hostile_model_the_naive_recipe_fails_and_steps_down_and_the_ship
     assert all(v["s_per_image"] > 0 and v["scaling"] in ("rowwise", "tensor") for v in verdicts.values())
     lines = [line for line in done.stdout.splitlines() if line.startswith("cpu_fp8")]
     assert len(lines) == 4 and lines[0].endswith("passed") and all(line.endswith("FAILED") for line in lines[1:])
+
+
+def test_the_gpu_run_covers_every_lossy_profile_the_chooser_picks_on_any_architecture_then_the_naive_recipe():
+    from bench import hostile as bench_hostile
+    from shared import archs, profiles
+
+    items = bench_hostile.default_items("cuda", "2.11.0", "3.6.0")
+    table = profiles.load_table()
+    lossy = {r["profile"] for r in table["runs"] if r.get("lossy")}
+    picked = {row["profile"] for arch in archs.ARCHS for ram_gib in bench_hostile.HOST_RAM_GIB
+              for row in profiles.class_table(table, ram_gib=ram_gib, caps=archs.capabilities(arch, "2.11.0", "3.6.0"))
+              if row.get("profile") in lossy}
+    assert set(items[:-1]) == picked and len(items) == len(picked) + 1
+    assert {"fp8mm_fast_qk_compiled", "int8mm_fast_compiled", "int8mm_fast_te_stream_pinned_compiled"} <= picked
+    assert items[0] == "fp8mm_fast_qk_compiled" and items[-1] == bench_hostile.NAIVE["cuda"]
