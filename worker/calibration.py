@@ -5,7 +5,8 @@ At boot the rendering process (`worker.loading`) makes a `Gate`, lets it `prepar
 before a lossy profile is judged: read, waited for, or rendered here with a lossless profile, once for
 the whole farm, with their provenance), then
 hands `Gate.judge` to the renderer's `load`, which calls it after each variant's self-test
-(`worker.engine.diffusion`). The judge:
+(`worker.engine.diffusion`), and `Gate.known_failure`, which lets it skip, without loading them, the
+variants whose cached verdict already fails. The judge:
 
 - skipped (ZFARM_SKIP_CALIBRATION): nothing rendered; the quality block says "skipped";
 - a lossless variant: never judged, nothing rendered; the block says "lossless";
@@ -308,8 +309,30 @@ class Gate:
                  block["status"], variant, " (cached)" if hit else "", result["psnr_db_mean"], result["psnr_db_min"],
                  result["ssim_mean"], result["ssim_min"])
         if not result["passed"]:
-            failing = [p["id"] for p in result["probes"] if not p["passed"]] or ["the probes' means"]
-            raise QualityFailed(f"{variant} fails the quality gate: {', '.join(failing)} below the thresholds "
-                                f"(PSNR mean {result['psnr_db_mean']} dB, worst {result['psnr_db_min']}; SSIM mean "
-                                f"{result['ssim_mean']}, worst {result['ssim_min']})", block)
+            raise QualityFailed(_failure_text(variant, result), block)
         return block
+
+    def known_failure(self, profile: str, policy_name: str) -> tuple[str, dict] | None:
+        """(why, quality block) when this farm already judged variant (`profile`, `policy_name`) on this
+        arch and torch and it fails under today's thresholds; None when it passed or was never judged. The
+        renderer skips such a variant at boot instead of loading and compiling it only to read that verdict."""
+        if self.settings.skip_calibration:
+            return None
+        record = self.cached(profile, policy_name)
+        if record is None:
+            return None
+        result = calibration.judge(record["measured"], self.thresholds)
+        if result["passed"]:
+            return None
+        block = quality_block(FAILED, policy_name, result, reference=record["reference"],
+                              calibrated_at=record["calibrated_at"], cached=True)
+        why = f"QualityFailed: {_failure_text(f'{profile} (policy {policy_name})', result)} (cached verdict)"
+        log.info("quality gate failed for %s (policy %s) (cached): not loaded", profile, policy_name)
+        return why, block
+
+
+def _failure_text(variant: str, result: dict) -> str:
+    failing = [p["id"] for p in result["probes"] if not p["passed"]] or ["the probes' means"]
+    return (f"{variant} fails the quality gate: {', '.join(failing)} below the thresholds (PSNR mean "
+            f"{result['psnr_db_mean']} dB, worst {result['psnr_db_min']}; SSIM mean {result['ssim_mean']}, "
+            f"worst {result['ssim_min']})")

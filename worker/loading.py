@@ -70,7 +70,7 @@ def _load_renderer():
 
             gate = Gate(settings, STATE.boot, config.table(), STATE.name)
             gate.prepare(make_renderer)
-            renderer.load(judge=gate.judge)
+            renderer.load(judge=gate.judge, known_failure=gate.known_failure)
     except Exception as exc:  # any load failure must stop the worker with its reason, not hang it
         log.critical("zfarm: loading the model failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         _renderer_error.append(f"{type(exc).__name__}: {exc}")

@@ -204,6 +204,7 @@ class DiffusionRenderer:
         # `load()` was given; the judge runs again for a profile an out-of-memory step-down loads.
         self.quality: dict = {}
         self._judge = None
+        self._known_failure = None
         self._versions: dict = {}
         # prompt text -> the text encoder's output for it (a list of one tensor, as the pipeline takes
         # it), kept on the CPU: on the GPU 256 long prompts would take up to 0.6 GiB, more than the
@@ -213,7 +214,7 @@ class DiffusionRenderer:
         self.prompt_cache_misses = 0
 
     # Loading
-    def load(self, judge=None, policy: str = "") -> None:
+    def load(self, judge=None, policy: str = "", known_failure=None) -> None:
         """Blocking: load the pipeline, apply the profile, then warm up and self-test (`settings.warmup`),
         then, with a `judge`, pass the quality gate. The worker reports itself ready only once this
         returns, so the first job does not pay for compiling and a card that cannot render the profile,
@@ -227,8 +228,10 @@ class DiffusionRenderer:
         `judge(renderer)` returns the quality block of the loaded variant, or raises QualityFailed. A
         lossy profile whose images fail it, or are NaN or constant, first steps to its safer variants
         (`worker.engine.policy.safer`: more layers in bf16); when the last fails its quality judgement too,
-        only lossless profiles are tried after it. A CalibrationError (the gate itself cannot run) stops
-        the load. Raises NoWorkingProfile, naming each variant tried with its error, when every one fails."""
+        only lossless profiles are tried after it. `known_failure(profile, policy)` returns (why, quality
+        block) for a lossy variant already judged and failed here: it is skipped, recorded as a quality
+        failure, without being loaded. A CalibrationError (the gate itself cannot run) stops the load.
+        Raises NoWorkingProfile, naming each variant tried with its error, when every one fails."""
         if self.device == "cuda":
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
         caps = getattr(self.boot, "capabilities", None)
@@ -254,6 +257,7 @@ class DiffusionRenderer:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, self.boot.cap_gib * 2**30 / total))
         self.load_stages_s = {"imports": round(t1 - t0, 2), "cuda_init": round(time.monotonic() - t1, 2)}
         self._judge = judge
+        self._known_failure = known_failure
         self.boot_attempts = []
         first = (self.profile, policy)
         passed = self._load_first_passing([first] + [(c.profile, "") for c in getattr(self.boot, "fallbacks", ())])
@@ -272,6 +276,9 @@ class DiffusionRenderer:
         queue = list(queue)
         while queue:
             name, policy_name = queue.pop(0)
+            if self._skip_known_failure(name, policy_name):
+                queue = self._after_failure(name, "quality", queue)
+                continue
             try:
                 self._load_profile(name, policy_name)
                 if self.settings.warmup:
@@ -297,6 +304,26 @@ class DiffusionRenderer:
             self.profile = name
             return name, policy_name
         raise NoWorkingProfile(self.boot_attempts)
+
+    def _skip_known_failure(self, name: str, policy_name: str) -> bool:
+        """Whether variant (`name`, `policy_name`) is lossy and its cached verdict fails: then it is recorded
+        as a quality failure, as if loaded and judged, and `self.policy` and `self.lossy` describe it for
+        `_after_failure`."""
+        from worker.engine import specs
+
+        known = self._known_failure
+        if known is None or not specs.lossy_on(name, self.device, policy_name):
+            return False
+        effective = policy_name or specs.policy_of(specs.applied_on(name, self.device))
+        failed = known(name, effective)
+        if failed is None:
+            return False
+        why, quality = failed
+        self.loading_profile, self.policy, self.lossy = name, effective, True
+        self.boot_attempts.append({"profile": name, "policy": effective, "kind": "quality", "error": why[:500],
+                                   "quality": quality})
+        log.error("profile %s failed its boot self-test (quality, cached): %s", variant_label(name, effective), why)
+        return True
 
     def _after_failure(self, name: str, kind: str, queue: list[tuple[str, str]],
                        try_safer: bool = True) -> list[tuple[str, str]]:
