@@ -20,8 +20,16 @@ python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e '.[worker,test]'
 
 mkdir -p test-artifacts
+# Two test processes, each taking a whole file at a time (a file's tests share its servers and fixtures).
+# Most tests wait on real redis-server, S3 and worker processes rather than compute, so two halve the
+# wall time on a 2-core machine. TEST_PROCESSES=1 runs them in one.
+processes=${TEST_PROCESSES:-2}
+parallel=()
+if [ "$processes" != 1 ]; then
+  parallel=(-n "$processes" --dist loadfile)
+fi
 set +e
-python3 -m pytest -q -p no:cacheprovider --junitxml=test-artifacts/junit.xml "$@"
+python3 -m pytest -q -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} --junitxml=test-artifacts/junit.xml "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
