@@ -206,7 +206,7 @@ def test_the_worker_reports_ready_only_after_load_and_warm_up_returned(monkeypat
     seen = {}
 
     class Renderer:
-        def load(self, judge=None):
+        def load(self, judge=None, known_failure=None):
             seen["state during load"] = loading.LOAD_STATE.value
             seen["registry state during load"] = registration.registration(config.settings())["state"]
 
