@@ -58,6 +58,7 @@ class Farm:
         self.table = profiles.load_table(settings.profile_table) if table is None else table
         self.ledger = Ledger(self.redis)
         self._storage = None
+        self._routing_cache: tuple = (None, None)   # (the table they came from, (max pixels, slowest s/img))
 
     @classmethod
     def from_env(cls, *, table: dict | None = None, redis_retry_s: float | None = None, on_redis_retry=None,
@@ -105,7 +106,7 @@ class Farm:
             if earlier:
                 return self._resubmitted(earlier.decode(), resubmission)
 
-        max_pixels = profiles.max_pixels_by_class(self.table)
+        max_pixels, slowest_s = self._routing_facts()
         tiers = [routing.tier_for_pixels(e.spec.pixels, max_pixels) for e in entries]
         live = registry.live_workers(self.redis)
         if live and not allow_pending:
@@ -120,7 +121,7 @@ class Farm:
                       submitted_at=now)
             limit_key = (entry.spec.pixels, entry.spec.steps)
             if limit_key not in limits:
-                limits[limit_key] = routing.job_time_limit_s(*limit_key, self.table, self.settings.job_margin)
+                limits[limit_key] = routing.time_limit_from_speed_s(*limit_key, slowest_s, self.settings.job_margin)
             hard_s = limits[limit_key]
             queue = routing.queue(priority, tier, lane)
             jobs.append(job)
@@ -157,6 +158,16 @@ class Farm:
                     + "; ".join(differences) + ". Nothing was queued; submit under another name or key, "
                     f"or follow batch {batch_id}")
         return Batch(self, batch_id, created=False)
+
+    def _routing_facts(self) -> tuple[dict, float]:
+        """(each class's largest image, the slowest class's s/img) of `self.table`: what routing and time
+        limits read from it. Both run the chooser for every class, so they are derived once per table,
+        not once per submit."""
+        table, facts = self._routing_cache
+        if table is not self.table:
+            facts = (profiles.max_pixels_by_class(self.table), routing.slowest_s_per_image(self.table))
+            self._routing_cache = (self.table, facts)
+        return facts
 
     def _pick_lane(self, priority: str, tiers: list[str], live: list[dict]) -> int:
         """The lane of this priority with the fewest queued messages over the batch's tiers

@@ -164,13 +164,21 @@ def slowest_s_per_image(table: dict) -> float:
 
 def job_time_limit_s(pixels: int, steps: int, table: dict, margin: float) -> float:
     """A job's hard time limit: the slowest class's time for it, times `margin`, plus a floor."""
-    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image(table) * work_units(pixels, steps), 1)
+    return time_limit_from_speed_s(pixels, steps, slowest_s_per_image(table), margin)
+
+
+def time_limit_from_speed_s(pixels: int, steps: int, slowest_s_per_image_: float, margin: float) -> float:
+    """`job_time_limit_s` with the slowest class's seconds per reference image already derived from the
+    table (deriving it runs the chooser for every class: callers that limit many jobs do it once)."""
+    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image_ * work_units(pixels, steps), 1)
 
 
 def time_limit_for(table: dict, margin: float):
     """`job -> hard time limit (s)` for the ledger's requeue calls."""
+    slowest_s = slowest_s_per_image(table)
+
     def limit(job) -> float:
-        return job_time_limit_s(job.spec.pixels, job.spec.steps, table, margin)
+        return time_limit_from_speed_s(job.spec.pixels, job.spec.steps, slowest_s, margin)
     return limit
 
 
