@@ -221,7 +221,7 @@ class Batch:
             replies = pipe.execute()
         status = Ledger.parse_status(self.id, replies)
         live = registry.parse_live_max_pixels(replies[3])
-        return _with_waiting(status, live, profiles.max_pixels_by_class(self.farm.table))
+        return _with_waiting(status, live, self.farm._routing_facts()[0])
 
     def wait(self, timeout_s: float | None = None, on_progress: Callable[[dict], None] | None = None) -> dict:
         """Poll until every job is final or `timeout_s` passes; returns the last status, whose
