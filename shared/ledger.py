@@ -126,7 +126,8 @@ class Ledger:
         return int(n)
 
     def requeue_failed(self, batch_id: str, queue_for, time_limit_for) -> int:
-        """Queue the failed jobs of a batch again, and only those. Returns how many."""
+        """Queue the failed jobs of a batch again, and only those. Returns how many. A cancelled batch is
+        refused (LedgerError): its requeued jobs would be skipped and never finish."""
         check_id(batch_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -134,6 +135,10 @@ class Ledger:
                     pipe.watch(keys.batch_failures(batch_id), keys.batch_states(batch_id))
                     if not pipe.exists(keys.batch_meta(batch_id)):
                         raise LedgerError(f"no batch {batch_id}")
+                    if pipe.hget(keys.batch_meta(batch_id), "cancelled") == b"1":
+                        # Workers skip every job of a cancelled batch: requeued, these would wait forever.
+                        raise LedgerError(f"batch {batch_id} was cancelled: its failed jobs are not queued again "
+                                          "(submit them as a new batch)")
                     failed = [int(i) for i in pipe.hkeys(keys.batch_failures(batch_id))]
                     if not failed:
                         pipe.reset()

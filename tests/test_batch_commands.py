@@ -236,6 +236,24 @@ def test_retry_failed_queues_only_the_failed_jobs_again(cli, tmp_path, redis_cli
     assert redis_client.llen(queue) == 1  # the batch's own lane
 
 
+def test_retry_of_a_cancelled_batch_is_refused_and_queues_nothing(cli, tmp_path, redis_client):
+    batch_id = cli("submit", prompts(tmp_path, "a fox", "an owl"))[1].strip()
+    ledger = Ledger(redis_client)
+    [queue] = [q.decode() for q in redis_client.keys("zfarm.*")]
+    raw = redis_client.lrange(queue, 0, -1)[-1]   # the first pushed: one job starts and fails
+    job = Job.from_wire(json.loads(base64.b64decode(json.loads(raw)["body"]))[1]["job"])
+    ledger.start(job, "w")
+    ledger.finish(job.batch_id, job.index, "failed", {"kind": "render-error", "message": "x"})
+    assert cli("cancel", batch_id)[1].strip() == "1"
+    queued_before = redis_client.llen(queue)
+
+    code, out, err = cli("retry", batch_id, "--failed")
+    assert code != 0 and out == "" and f"batch {batch_id} was cancelled" in err
+    status = json.loads(cli("status", batch_id, "--json")[1])
+    assert (status["failed"], status["cancelled"], status["queued"]) == (1, 1, 0)
+    assert redis_client.llen(queue) == queued_before
+
+
 def test_retry_needs_the_failed_flag(cli):
     code, _, err = cli("retry", "20240101-000000-abcdef")
     assert code == 2 and "--failed" in err
