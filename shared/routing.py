@@ -167,18 +167,21 @@ def job_time_limit_s(pixels: int, steps: int, table: dict, margin: float) -> flo
     return time_limit_from_speed_s(pixels, steps, slowest_s_per_image(table), margin)
 
 
-def time_limit_from_speed_s(pixels: int, steps: int, slowest_s_per_image_: float, margin: float) -> float:
-    """`job_time_limit_s` with the slowest class's seconds per reference image already derived from the
-    table (deriving it runs the chooser for every class: callers that limit many jobs do it once)."""
-    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s_per_image_ * work_units(pixels, steps), 1)
+def time_limit_from_speed_s(pixels: int, steps: int, slowest_s: float, margin: float) -> float:
+    """`job_time_limit_s` with the slowest class's seconds per reference image (`slowest_s_per_image`)
+    already derived: deriving it runs the chooser for every class, so callers that limit many jobs do it once."""
+    return round(TIME_LIMIT_FLOOR_S + margin * slowest_s * work_units(pixels, steps), 1)
 
 
 def time_limit_for(table: dict, margin: float):
-    """`job -> hard time limit (s)` for the ledger's requeue calls."""
-    slowest_s = slowest_s_per_image(table)
+    """`job -> hard time limit (s)` for the ledger's requeue calls (the slowest speed derived at the first
+    job, once: a sweep that requeues nothing derives nothing)."""
+    slowest: list[float] = []
 
     def limit(job) -> float:
-        return time_limit_from_speed_s(job.spec.pixels, job.spec.steps, slowest_s, margin)
+        if not slowest:
+            slowest.append(slowest_s_per_image(table))
+        return time_limit_from_speed_s(job.spec.pixels, job.spec.steps, slowest[0], margin)
     return limit
 
 
