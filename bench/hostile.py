@@ -63,7 +63,8 @@ def default_items(device: str, torch_version: str = "2.11.0", triton_version: st
     lossy_names = {r["profile"] for r in table["runs"] if r.get("lossy")}
     chosen = []
     measured_here = "sm_90"   # the lent H100's: its profiles first, then the newest architectures'
-    order = sorted(archs.ARCHS, key=lambda name: (name != measured_here, [-n for n in archs.ARCHS[name].compute_capability]))
+    order = sorted(archs.ARCHS, key=lambda name: (name != measured_here,
+                                                  [-n for n in archs.ARCHS[name].compute_capability]))
     for arch in order:
         caps = archs.capabilities(arch, torch_version, triton_version)
         for ram_gib in HOST_RAM_GIB:

@@ -4,9 +4,10 @@ tiny hostile model (worker.engine.hostile), whose MLP inputs reach 6.6e4.
 
 A lossless worker renders the farm's references; `zfarm calibrate` passes its profile; the naive
 per-tensor fp8 profile fails and steps down through safer variants; a second boot reads every verdict
-from the cache and loads none of the failing variants again; the shipped fp8 recipe passes and its quality block reaches the registry, `zfarm workers
---json` and every sidecar; skipping is recorded; with no references and no way to make them a lossy
-worker stops and says what to run. The renderer's side of step-down is tested with judges made here."""
+from the cache and loads none of the failing variants again; the shipped fp8 recipe passes and its
+quality block reaches the registry, `zfarm workers --json` and every sidecar; skipping is recorded;
+with no references and no way to make them a lossy worker stops and says what to run. The renderer's
+side of step-down is tested with judges made here."""
 from __future__ import annotations
 
 import json
@@ -121,7 +122,8 @@ def test_a_broken_quantisation_fails_the_gate_steps_down_to_a_safer_variant_and_
     # The three failing variants' verdicts come from the cache, and none of them is loaded again: the
     # only pipeline this boot loads is the one that serves.
     assert log.count("quality gate failed for cpu_fp8_naive") == 3 and log.count("(cached): not loaded") == 3
-    assert re.findall(r"loaded \S+ with profile (.*?) in ", log) == ["cpu_fp8_naive (applied as cpu_fp8_naive, policy bf16)"]
+    loaded = re.findall(r"loaded \S+ with profile (.*?) in ", log)
+    assert loaded == ["cpu_fp8_naive (applied as cpu_fp8_naive, policy bf16)"]
     assert "calibration references" not in log   # neither rendered nor stored again
     assert [(a["policy"], a["kind"]) for a in again["boot_attempts"]] == attempts
     assert again["downgrade_reason"].startswith("quality: QualityFailed: cpu_fp8_naive (policy blocks) fails")
