@@ -208,7 +208,34 @@ def _client(url: str, master_name: str, options: dict) -> redis.Redis:
     sentinel_kwargs = sentinel_transport_options(url, master_name)["sentinel_kwargs"]
     credentials = {"username": target.username, "password": target.password}
     manager = redis.sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs, **credentials)
-    return manager.master_for(master_name, db=target.db, **options)
+    return manager.master_for(master_name, connection_class=FollowingConnection, db=target.db, **options)
+
+
+class FollowingConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the primary the sentinels name that asks them again on every reconnect.
+
+    redis-py's stock class asks only in `connect()`. A command cut off mid-flight is retried on the same
+    connection object, which reconnects through `connect_check_health` to the address it resolved
+    before: after a failover, the dead primary's, for the whole retry period (60 s by default) instead
+    of the seconds Sentinel takes to promote the replica. The redis-py internals this relies on are
+    checked in tests/test_redis_internals.py."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._address_just_resolved = False
+
+    def connect_to(self, address):
+        # `connect()` has just asked the sentinels: no second question for this connect.
+        self._address_just_resolved = True
+        try:
+            super().connect_to(address)
+        finally:
+            self._address_just_resolved = False
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        if not self._sock and not self._address_just_resolved and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
 
 
 def redact(url: str) -> str:

@@ -19,6 +19,7 @@ import urllib.request
 import uuid
 
 import pytest
+import redis
 
 from farm import REPO, S3Server, SentinelGroup, WorkerProcess, base_env, free_port, s3_env, wait_for
 from farm_fixtures import TEST_TABLE
@@ -295,3 +296,39 @@ def test_a_sentinel_url_names_every_sentinel_its_password_and_one_database_for_a
 def test_a_sentinel_url_that_cannot_be_read_is_refused_with_the_reason(url):
     with pytest.raises(RedisUrlError):
         parse_sentinel_url(url)
+
+
+def test_a_command_cut_off_by_the_primary_s_death_follows_the_promotion_instead_of_retrying_the_dead_address(
+        tmp_path):
+    """redis-py's command retry reconnects the same connection object to the address it first resolved;
+    zfarm's Sentinel connections ask the sentinels again on every reconnect, so a command in flight at a
+    failover lands on the promoted replica within seconds, not after the whole retry period."""
+    group = SentinelGroup(tmp_path / "redis", down_after_ms=1000).start()
+    try:
+        retry_s, blocked_s = 40, 3
+        client = connect(group.url, retry_s=retry_s, master_name=group.master_name)
+        client.ping()
+        outcome: dict = {}
+
+        def blocked_pop():   # in flight on the primary when it dies
+            try:
+                outcome["reply"] = client.blpop(["nothing-comes"], timeout=blocked_s)
+            except Exception as exc:  # the assertion below names it
+                outcome["error"] = exc
+            outcome["done_at"] = time.monotonic()
+
+        popper = threading.Thread(target=blocked_pop)
+        popper.start()
+        wait_for(lambda: any(c.get("cmd") == "blpop" for c in redis.Redis(port=group.primary.port,
+                 password=group.password).client_list()), 10, what="the BLPOP to reach the primary")
+        old_port = group.primary.port
+        group.primary.kill()
+        killed_at = time.monotonic()
+        popper.join(retry_s + 10)
+        assert "error" not in outcome, f"the command gave up: {outcome.get('error')!r}"
+        assert outcome["reply"] is None   # retried on the new primary, where it waited its own timeout
+        took_s = outcome["done_at"] - killed_at
+        assert group.current_primary_port() != old_port
+        assert took_s < retry_s / 2, f"the command took {took_s:.1f} s: it retried the dead primary"
+    finally:
+        group.stop()
